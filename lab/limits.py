@@ -1,0 +1,94 @@
+"""Machine limits and the capacity arithmetic that every planner shares.
+
+Pure functions over numbers read once from the host (``read_host_limits``): how many
+connections one process may hold under its open-file limit, how many processes a target needs,
+how many ephemeral ports one (source address, destination) pair offers. Call
+``read_host_limits()`` on the host that will run the load, then the ``*_for`` helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+# File descriptors a process keeps for itself (stdio, epoll, pipes, log files, listeners).
+FD_RESERVE = 64
+# Fraction of the open-file limit a process may fill with connections.
+FD_HEADROOM = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class HostLimits:
+    """Limits of one host that bound a plan. Read with ``read_host_limits``."""
+
+    nofile_soft: int
+    nofile_hard: int
+    port_low: int
+    port_high: int
+    mem_available_bytes: int
+
+    @property
+    def ephemeral_ports(self) -> int:
+        """Ports per (source address, destination address, destination port)."""
+        return self.port_high - self.port_low + 1
+
+    @property
+    def conns_per_process(self) -> int:
+        """Connections one process may hold below its (hard) open-file limit."""
+        return max(1, int(self.nofile_hard * FD_HEADROOM) - FD_RESERVE)
+
+
+def _read_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _read_mem_available(path: Path = Path("/proc/meminfo")) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def read_host_limits() -> HostLimits:
+    """Read this host's open-file limits, ephemeral port range and available memory."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY:
+        soft = hard
+    low, high = _read_port_range()
+    return HostLimits(soft, hard, low, high, _read_mem_available())
+
+
+def raise_nofile_soft_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def processes_for(connections: int, limits: HostLimits) -> int:
+    """Processes needed so that each holds fewer connections than its open-file limit allows."""
+    return max(1, math.ceil(connections / limits.conns_per_process))
+
+
+def workers_for(max_connections: int, limits: HostLimits, *, imbalance: float = 1.25) -> int:
+    """Server workers for ``max_connections``: SO_REUSEPORT spreads by hash, not evenly, so
+    leave ``imbalance`` headroom per worker."""
+    return max(1, math.ceil(max_connections * imbalance / limits.conns_per_process))
+
+
+def source_addresses_for(connections_per_destination: int, limits: HostLimits) -> int:
+    """Source addresses needed so that no (source, destination) pair runs out of ports."""
+    usable = int(limits.ephemeral_ports * 0.95)
+    return max(1, math.ceil(connections_per_destination / usable))

@@ -1,0 +1,49 @@
+"""Shared test helpers.
+
+``require("sshd")`` skips a test when an external tool is missing, unless
+``COMET_LAB_REQUIRE_ALL=1`` (set by ``.ci/run``), where a missing tool is a failure: CI can never
+pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRE_ALL = os.environ.get("COMET_LAB_REQUIRE_ALL") == "1"
+
+# tool name -> candidate executables
+TOOLS: dict[str, tuple[str, ...]] = {
+    "sshd": ("/usr/sbin/sshd",),
+    "chromium": ("chromium", "chromium-browser", "/usr/bin/chromium"),
+    "ip": ("ip", "/usr/sbin/ip", "/sbin/ip"),
+}
+
+
+def find_tool(name: str) -> str | None:
+    for candidate in TOOLS.get(name, (name,)):
+        path = shutil.which(candidate) or (candidate if os.path.exists(candidate) else None)
+        if path:
+            return path
+    return None
+
+
+def require(name: str, why: str = "") -> str:
+    """Return the tool's path, or skip (fail under COMET_LAB_REQUIRE_ALL=1) when it is missing."""
+    path = find_tool(name)
+    if path is None:
+        msg = f"{name} is missing{': ' + why if why else ''} (apt-get install the package; .ci/run does)"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " — COMET_LAB_REQUIRE_ALL=1 forbids skipping")
+        pytest.skip(msg)
+    return path
+
+
+def require_root(why: str = "") -> None:
+    if os.geteuid() != 0:
+        msg = f"needs root{': ' + why if why else ''}"
+        if REQUIRE_ALL:
+            pytest.fail(msg + " — COMET_LAB_REQUIRE_ALL=1 forbids skipping")
+        pytest.skip(msg)
