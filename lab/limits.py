@@ -40,7 +40,10 @@ class HostLimits:
         return max(1, int(self.nofile_hard * FD_HEADROOM) - FD_RESERVE)
 
 
-def _read_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _read_port_range(path: Path = PORT_RANGE_FILE) -> tuple[int, int]:
     try:
         low, high = (int(x) for x in path.read_text().split())
         return low, high

@@ -34,7 +34,8 @@ def require(name: str, why: str = "") -> str:
     """Return the tool's path, or skip (fail under COMET_LAB_REQUIRE_ALL=1) when it is missing."""
     path = find_tool(name)
     if path is None:
-        msg = f"{name} is missing{': ' + why if why else ''} (apt-get install the package; .ci/run does)"
+        reason = f": {why}" if why else ""
+        msg = f"{name} is missing{reason} (apt-get install the package; .ci/run does)"
         if REQUIRE_ALL:
             pytest.fail(msg + " — COMET_LAB_REQUIRE_ALL=1 forbids skipping")
         pytest.skip(msg)
