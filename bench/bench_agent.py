@@ -1,0 +1,290 @@
+"""Benchmark of the load agent (issue 4): prints the targets and the "Must show" checks.
+
+Run: ``.venv/bin/python bench/bench_agent.py`` (about a minute; loopback only). It starts its
+own fast minimal WebSocket server in a subprocess (``--serve``: uvloop + asyncio.Protocol,
+upgrade parsed with httptools, answered with websockets.utils.accept_key; it counts accepted
+upgrades per second and prints them as JSON lines), then runs ``python -m lab.agent``:
+
+1. 15,000 connections at 2,500/s, held: every whole ramp second as counted by the SERVER
+   within ±5% of 2,500 (and by the agent's records within ±2%), all held, agent USS per held
+   connection (load process delta <= 2.5 KiB; total USS of all agent processes, interpreter
+   included, <= 5 KiB), agent CPU per new connection <= 100 µs, JSON lines, exit 0.
+2. One load process, 8,000/s for 2 s: connections per second sustained (>= 8,000).
+
+Options: ``--quick`` runs smaller counts (a smoke test of the benchmark itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the fast minimal server (runs in its own process with --serve) ------------------------
+def serve(host: str, port: int) -> None:
+    import gc
+
+    import httptools
+    import uvloop
+    from websockets.frames import Close, Frame, Opcode
+    from websockets.utils import accept_key
+
+    from lab.limits import raise_nofile_soft_limit
+
+    raise_nofile_soft_limit()
+    close_frame = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=False)
+    counts: dict[int, int] = {}
+    state = {"online": 0}
+
+    class Conn(asyncio.Protocol):
+        __slots__ = ("key", "parser", "tr", "up")
+
+        def connection_made(self, tr):  # type: ignore[no-untyped-def]
+            self.tr = tr
+            self.parser = httptools.HttpRequestParser(self)
+            self.key = b""
+            self.up = False
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if name.lower() == b"sec-websocket-key":
+                self.key = value
+
+        def data_received(self, data: bytes) -> None:
+            if self.up:  # any frame from the client here is its close frame
+                self.tr.write(close_frame)
+                self.tr.close()
+                return
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self.up = True
+                self.parser = None
+                self.tr.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                    + accept_key(self.key.decode()).encode()
+                    + b"\r\n\r\n"
+                )
+                sec = int(time.time())
+                counts[sec] = counts.get(sec, 0) + 1
+                state["online"] += 1
+            except httptools.HttpParserError:
+                self.tr.close()
+
+        def connection_lost(self, exc):  # type: ignore[no-untyped-def]
+            if self.up:
+                state["online"] -= 1
+            self.tr = None
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Conn, host, port, backlog=4096, reuse_port=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        print(json.dumps({"ready": server.sockets[0].getsockname()[1]}), flush=True)
+        gc.freeze()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+            print(json.dumps({"t": time.time(), "online": state["online"], "upgrades": counts}), flush=True)
+        print(json.dumps({"t": time.time(), "online": state["online"], "upgrades": counts, "final": True}), flush=True)
+
+    uvloop.run(main())
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+class Server:
+    """The --serve subprocess; its last JSON line holds the upgrades per whole second."""
+
+    def __init__(self) -> None:
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        assert self.p.stdout is not None
+        self.port = int(json.loads(self.p.stdout.readline())["ready"])
+        self.last: dict = {}
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.last = json.loads(line)
+
+    def stop(self) -> dict:
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(30)
+        self.t.join(5)
+        return self.last
+
+
+def uss_of(pids: list[int]) -> int:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_full_info().uss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_agent(port: int, rate: int, conns: int, hold: float, tmp: Path, *, procs: int = 1,
+              sample_at_hold: bool = True) -> dict:  # fmt: skip
+    """Run the agent; sample its processes' USS and CPU before the start and during the hold."""
+    import psutil
+
+    rec = tmp / f"bench-{rate}.rec"
+    cmd = [sys.executable, "-m", "lab.agent", "--url", f"ws://127.0.0.1:{port}/ws",
+           "--rate", str(rate), "--connections", str(conns), "--hold", str(hold),
+           "--procs", str(procs), "--records", str(rec), "--quiet", "--max-duration", "120"]  # fmt: skip
+    t_launch = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    me = psutil.Process(p.pid)
+    # wait until the load processes exist and are idle (ready), then sample the baseline
+    deadline = time.time() + 30
+    kids: list[psutil.Process] = []
+    while time.time() < deadline:
+        kids = me.children()
+        if len(kids) == procs and all(k.cpu_times().user + k.cpu_times().system > 0.05 for k in kids):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    base_uss = uss_of([k.pid for k in kids])
+    base_cpu = sum(sum(k.cpu_times()[:2]) for k in kids)
+    lines = []
+    hold_sample: dict = {}
+    assert p.stdout is not None
+    ramp_s = conns / rate
+    for line in p.stdout:
+        d = json.loads(line)
+        lines.append(d)
+        if (sample_at_hold and not hold_sample and d["kind"] == "agent"
+                and d["elapsed_s"] >= ramp_s + 1.5 and d["open"] >= conns * 0.99):  # fmt: skip
+            try:
+                hold_sample = {
+                    "open": d["open"],
+                    "proc_uss": uss_of([k.pid for k in kids]),
+                    "total_uss": uss_of([k.pid for k in kids] + [p.pid]),
+                    "cpu": sum(sum(k.cpu_times()[:2]) for k in kids),
+                }
+            except psutil.Error:
+                pass
+    rc = p.wait()
+    from lab.agent.records import read_records
+
+    r = read_records(rec)
+    rec.unlink(missing_ok=True)
+    return {"rc": rc, "lines": lines, "records": r, "base_uss": base_uss, "base_cpu": base_cpu,
+            "hold": hold_sample, "t_launch": t_launch}  # fmt: skip
+
+
+def whole_seconds(times: list[float], start: float, ramp_s: float) -> list[int]:
+    """Counts per whole second [start+k, start+k+1) for the whole seconds of the ramp."""
+    counts = [0] * int(ramp_s)
+    for t in times:
+        k = int(t - start) if t == t and t >= start else -1
+        if 0 <= k < len(counts):
+            counts[k] += 1
+    return counts
+
+
+def check(name: str, ok: bool, figure: str) -> bool:
+    print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {figure}")
+    return ok
+
+
+def bench(quick: bool) -> int:
+    results = []
+    rate, conns, hold = (500, 1500, 2.0) if quick else (2500, 15000, 4.0)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        srv = Server()
+        res = run_agent(srv.port, rate, conns, hold, tmp)
+        s = srv.stop()
+        recs = res["records"]
+        start = min(recs["scheduled"])
+        ramp_s = conns / rate
+        server_counts = [s["upgrades"].get(str(int(start) + k), 0) for k in range(int(ramp_s) + 2)]
+        # the server counts in calendar seconds; the agent starts at start (fractional): align by
+        # taking whole calendar seconds fully inside the ramp
+        first_full = int(start) + 1
+        full = [s["upgrades"].get(str(sec), 0) for sec in range(first_full, int(start + ramp_s))]
+        agent_counts = whole_seconds(recs["started"], start, ramp_s)
+        held = sum(1 for o in recs["outcome"] if o == "ok")
+        hs = res["hold"]
+        lines = res["lines"]
+        kinds = [x["kind"] for x in lines]
+        ramp_cpu_us = (hs.get("cpu", res["base_cpu"]) - res["base_cpu"]) / conns * 1e6 if hs else float("nan")
+        per_conn_uss = (hs["proc_uss"] - res["base_uss"]) / hs["open"] if hs else float("nan")
+        total_uss = hs["total_uss"] / hs["open"] if hs else float("nan")
+        print(f"Must show ({conns} connections at {rate}/s against an independent minimal server):")
+        results.append(check("all held", held == conns and (hs.get("open") == conns), f"{held}/{conns} ok, {hs.get('open')} open in the hold"))
+        results.append(check("every whole ramp second as counted by the SERVER within ±5%",
+                             bool(full) and all(abs(c - rate) <= 0.05 * rate for c in full),
+                             f"{full} (calendar seconds fully inside the ramp; edges {server_counts[0]}, {server_counts[-1]})"))  # fmt: skip
+        results.append(check("agent total USS per held connection <= 5 KiB (interpreter included)",
+                             total_uss <= 5 * 1024, f"{total_uss / 1024:.2f} KiB"))  # fmt: skip
+        results.append(check("JSON lines on stdout", len(kinds) >= 3 and kinds[-1] == "agent_end", f"{len(kinds)} lines, last {kinds[-1] if kinds else None}"))
+        results.append(check("exit 0", res["rc"] == 0, f"exit {res['rc']}, outcome {lines[-1].get('outcome') if lines else None}"))
+        print("Targets:")
+        results.append(check("agent USS per held idle WS connection <= 2.5 KiB (load process, delta)",
+                             per_conn_uss <= 2.5 * 1024, f"{per_conn_uss / 1024:.2f} KiB"))  # fmt: skip
+        results.append(check("agent CPU per new connection <= 100 µs", ramp_cpu_us <= 100, f"{ramp_cpu_us:.0f} µs (load process CPU from ready to the hold / connections)"))
+        results.append(check(f"every whole ramp second within ±2% of {rate} (agent started)",
+                             all(abs(c - rate) <= 0.02 * rate for c in agent_counts), f"{agent_counts}"))  # fmt: skip
+        lag = max(x["lag_ms"] for x in lines)
+        print(f"  (max schedule lag {lag:.1f} ms; connect p99 by second: "
+              f"{[round(_p99(x), 1) for x in lines if x['connect_hist']['buckets']]} ms)")  # fmt: skip
+
+        rate2, conns2 = (2000, 2000) if quick else (8000, 16000)
+        srv = Server()
+        res2 = run_agent(srv.port, rate2, conns2, 1.0, tmp, sample_at_hold=False)
+        s2 = srv.stop()
+        r2 = res2["records"]
+        start2 = min(r2["scheduled"])
+        conn_times = sorted(t for t in r2["connected"] if t == t)
+        span = (conn_times[-1] - start2) if conn_times else float("inf")
+        achieved = len(conn_times) / span if span > 0 else 0.0
+        per_sec = whole_seconds(r2["connected"], start2, conns2 / rate2)
+        srv_full = [s2["upgrades"].get(str(sec), 0) for sec in range(int(start2) + 1, int(start2 + conns2 / rate2))]
+        results.append(check(f"one load process >= {rate2} new WS connections/s",
+                             achieved >= rate2 * 0.98 and len(conn_times) == conns2,
+                             f"{achieved:.0f}/s ({len(conn_times)}/{conns2} connected by {span:.2f}s; "
+                             f"agent per second {per_sec}, server {srv_full}; max lag "
+                             f"{max(x['lag_ms'] for x in res2['lines']):.1f} ms)"))  # fmt: skip
+    print(f"{sum(results)}/{len(results)} checks passed")
+    return 0 if all(results) else 1
+
+
+def _p99(line: dict) -> float:
+    from lab.histogram import Histogram
+
+    return (Histogram.from_json(line["connect_hist"]).percentile(99) or 0.0) / 1000.0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--serve", type=int, metavar="PORT", help="run only the minimal server")
+    ap.add_argument("--quick", action="store_true", help="small counts (smoke-test the benchmark)")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    if a.serve is not None:
+        serve("127.0.0.1", a.serve)
+        raise SystemExit(0)
+    raise SystemExit(bench(a.quick))

@@ -1,0 +1,43 @@
+"""The load agent: open-model arrival phases of comet client connections, measured.
+
+``python -m lab.agent --url ws://127.0.0.1:8080/ws?channel=bench --rate 2500
+--connections 64000 --hold 60`` ramps, holds, closes and exits 0; stdout carries one
+``{"kind": "agent", ...}`` JSON line a second and a last ``{"kind": "agent_end", ...}``
+(results/README.md); ``--records FILE.rec`` keeps one row per connection
+(``lab.agent.records.read_records``). Modules:
+
+- ``schedule``    pure: phases -> per-connection open/close offsets (uniform or seeded Poisson)
+- ``capacity``    pure checks before any connection: files, ports × addresses, memory
+- ``session``     the client protocols (websocket, generic, longpoll, sse)
+- ``proc``        one load process (its shard of the schedule)
+- ``coordinator`` the parent: capacity, processes, merged stream, records, publisher
+- ``publisher``   POST /pub/<channel> at a rate, each body carrying its send time
+- ``records``     per-connection columns and the .rec file format
+
+Plan file (``--plan FILE.json``; the controller writes it)::
+
+    {"arrival": "uniform",            optional: uniform | poisson (else --arrival)
+     "seed": 0,                       optional: Poisson seed (else --seed)
+     "phases": [
+       {"kind": "ramp", "rate_per_s": 2500, "until": 15000},   open until 15,000 are open
+       {"kind": "ramp", "rate_per_s": 100, "duration_s": 10},  or open for 10 s
+       {"kind": "hold", "duration_s": 60},                     open nothing for 60 s
+       {"kind": "close", "rate_per_s": 5000},                  close oldest first at a rate,
+       {"kind": "close"}                                       or all at once;
+     ]}                                                        optional "count": close only N
+
+Times are offsets from the common start (``--start-at``, unix seconds; default: now + 0.5 s).
+Connections still open after the last phase close at its end. Several agent hosts each get
+their own share (their own rates and ``until``) and the same ``--start-at``.
+"""
+
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m lab.agent`` / ``lab agent`` (see ``lab.agent.coordinator.main``)."""
+    from lab.agent.coordinator import main as run
+
+    return run(argv, prog)
+
+
+__all__ = ["main"]

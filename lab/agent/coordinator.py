@@ -1,0 +1,405 @@
+"""The agent's parent process: plan, capacity check, load processes, one JSON line a second.
+
+What it is for: ``python -m lab.agent`` lands here (``main``). It builds the schedule from the
+flags or ``--plan``, checks capacity before any connection, starts ``--procs`` load processes
+(``lab.agent.proc``, each with a 1/P shard of the schedule), gives them one common start
+time, runs the optional publisher, and merges their per-second lines into ONE
+``{"kind": "agent", ...}`` line a second on stdout (and ``--out``); the last line is
+``{"kind": "agent_end", ...}``. At the end it joins the processes' record blocks into
+``--records``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from lab.agent.capacity import (
+    CapacityError,
+    Demand,
+    auto_procs,
+    check_capacity,
+    check_source_ips,
+    is_loopback_host,
+    parse_source_ips,
+)
+from lab.agent.proc import ProcConfigJSON, phases_to_json
+from lab.agent.publisher import Publisher, PublishSpec
+from lab.agent.records import FAILURES, append_file
+from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
+from lab.agent.session import SessionKind, make_target
+from lab.histogram import Histogram
+from lab.limits import read_host_limits, source_addresses_for
+
+EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lines
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 15.0  # after a stop, processes get this long before SIGKILL
+SATURATED_CPU_PERCENT = 90.0
+SUM_FIELDS = ("started", "connected", "open", "closed", "dropped", "msgs_in", "msgs_out",
+              "bytes_in", "bytes_out", "lost", "dup", "reordered")  # fmt: skip
+
+
+class UsageError(Exception):
+    """Bad flags or plan file; the message names the problem and the fix."""
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog or "python -m lab.agent",
+        description="Load agent: open-model arrival phases of WebSocket / long-poll / SSE "
+        "connections; one JSON line per second on stdout, per-connection records at the end.",
+    )
+    a = p.add_argument
+    a("--url", action="append", required=True, help="destination (repeat for several): ws://H:P/ws?channel=C, http://H:P/lp?channel=C, http://H:P/sse?channel=C")
+    a("--session", default="websocket", choices=[k.value for k in SessionKind])
+    a("--rate", type=float, default=100.0, help="new connections per second (ramp)")
+    a("--connections", type=int, default=100, help="connections to open in the ramp")
+    a("--hold", type=float, default=10.0, help="seconds to hold all connections after the ramp")
+    a("--close-rate", type=float, default=None, help="connections closed per second after the hold (default: all at once)")
+    a("--plan", help="JSON plan file with several phases (replaces --rate/--connections/--hold/--close-rate; format in `pydoc lab.agent`)")
+    a("--procs", default="auto", help="load processes: N or auto (enough for the open-file limit and the rate)")
+    a("--source-ips", default="auto", help="source addresses: auto (127.0.0.2.. on loopback as needed), a list A,B or a range A-B")
+    a("--start-at", type=float, default=None, help="common start time (unix seconds) across agent hosts")
+    a("--max-duration", type=float, default=None, help="hard bound in seconds from the start: close everything and exit")
+    a("--seed", type=int, default=0, help="seed of Poisson arrivals")
+    a("--arrival", default="uniform", choices=[x.value for x in Arrival])
+    a("--subscribe", action="append", default=[], help="websocket: send {\"subscribe\": C} after the upgrade (repeatable)")
+    a("--connect-timeout", type=float, default=10.0, help="seconds from start to connected before outcome timeout")
+    a("--lp-timeout", type=float, default=25.0, help="long-poll timeout asked of the server, seconds")
+    a("--publish-url", help="publish to http://H:P/pub/<channel> while the plan runs")
+    a("--publish-rate", type=float, default=1.0, help="messages per second")
+    a("--publish-token", default=None, help="bearer token for publishing")
+    a("--payload-bytes", type=int, default=0, help="pad each published body to this size")
+    a("--publish-count", type=int, default=100, help="messages to publish at most")
+    a("--publish-delay", type=float, default=0.0, help="seconds after the start before the first publish")
+    a("--agent-id", default="a0", help="name of this agent in the streams")
+    a("--out", help="also write the JSON lines to this file")
+    a("--records", help="per-connection record file to write at the end (.rec)")
+    a("--quiet", action="store_true", help="no human progress line on stderr")
+    return p
+
+
+def load_plan_file(path: str) -> tuple[list[Phase], str | None, int | None]:
+    """Phases (and optional arrival, seed) from a JSON plan file; UsageError names the fix."""
+    from lab.agent.proc import phases_from_json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--plan {path}: cannot read it ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise UsageError(f"--plan {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("phases"), list):
+        raise UsageError(f'--plan {path}: expected {{"phases": [{{"kind": "ramp", ...}}, ...]}}')
+    for n, ph in enumerate(data["phases"]):
+        if not isinstance(ph, dict) or ph.get("kind") not in ("ramp", "hold", "close"):
+            raise UsageError(f"--plan {path}: phase {n + 1}: kind must be ramp, hold or close")
+        extra = set(ph) - {"kind", "rate_per_s", "until", "duration_s", "count"}
+        if extra:
+            raise UsageError(f"--plan {path}: phase {n + 1}: unknown key(s) {sorted(extra)}")
+    try:
+        phases = phases_from_json(data["phases"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--plan {path}: {exc}") from exc
+    return phases, data.get("arrival"), data.get("seed")
+
+
+class Merger:
+    """Folds the processes' lines into the agent's per-second lines."""
+
+    def __init__(self, agent: str, schedule: Schedule, start_at: float) -> None:
+        self.agent = agent
+        self.schedule = schedule
+        self.start_at = start_at
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.connect = Histogram("us")
+        self.delivery = Histogram("us")
+        self.lag_ms = 0.0
+        self.saturated_ever = False
+        self.me = psutil.Process()
+        self.me.cpu_percent(None)
+
+    def add(self, proc: int, line: dict[str, Any]) -> None:
+        self.latest[proc] = line
+        self.connect.merge(Histogram.from_json(line["connect_hist"]))
+        self.delivery.merge(Histogram.from_json(line["delivery_hist"]))
+        self.lag_ms = max(self.lag_ms, float(line.get("lag_ms", 0.0)))
+
+    def line(self, kind: str, publisher: Publisher | None) -> dict[str, Any]:
+        now = time.time()
+        elapsed = now - self.start_at
+        lines = list(self.latest.values())
+        out: dict[str, Any] = {"kind": kind, "t": now, "agent": self.agent,
+                               "elapsed_s": round(elapsed, 3),
+                               "planned": self.schedule.planned_by(elapsed)}  # fmt: skip
+        for f in SUM_FIELDS:
+            out[f] = sum(int(x.get(f, 0)) for x in lines)
+        out["failed"] = {r: sum(int(x["failed"].get(r, 0)) for x in lines) for r in FAILURES}
+        lag = self.lag_ms
+        if publisher is not None:
+            out["msgs_out"] += publisher.msgs_out
+            out["bytes_out"] += publisher.bytes_out
+            out["publish_errors"] = publisher.errors
+            out["publish_lag_ms"] = round(publisher.lag_max_s * 1000.0, 3)
+            publisher.lag_max_s = 0.0
+        out["lag_ms"] = lag
+        procs = [{"pid": x["pid"], "cpu_percent": x["cpu_percent"], "uss": x["uss"]} for x in lines]
+        try:
+            procs.append({"pid": self.me.pid, "cpu_percent": self.me.cpu_percent(None),
+                          "uss": self.me.memory_full_info().uss})  # fmt: skip
+        except psutil.Error:
+            pass
+        out["procs"] = procs
+        out["saturated"] = any(p["cpu_percent"] > SATURATED_CPU_PERCENT for p in procs)
+        self.saturated_ever = self.saturated_ever or out["saturated"]
+        out["connect_hist"] = self.connect.to_json()
+        out["delivery_hist"] = self.delivery.to_json()
+        self.connect.reset()
+        self.delivery.reset()
+        self.lag_ms = 0.0
+        return out
+
+
+class Coordinator:
+    """Runs the load processes and the streams (the event-loop side of ``main``)."""
+
+    def __init__(self, args: argparse.Namespace, schedule: Schedule, cfgs: list[ProcConfigJSON],
+                 publish: PublishSpec | None, out: IO[str] | None) -> None:  # fmt: skip
+        self.args = args
+        self.schedule = schedule
+        self.cfgs = cfgs
+        self.publish = publish
+        self.out = out
+        self.children: list[asyncio.subprocess.Process] = []
+        self.reasons: dict[int, str] = {}
+        self.stop_reason = ""
+        self.merger: Merger | None = None
+
+    def emit(self, line: dict[str, Any]) -> None:
+        text = json.dumps(line, separators=(",", ":"))
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        if self.out is not None:
+            self.out.write(text + "\n")
+            self.out.flush()
+        if not self.args.quiet and line["kind"] == "agent":
+            f = line["failed"]
+            print(f"[agent {line['agent']}] t={line['elapsed_s']:.0f}s planned={line['planned']} "
+                  f"started={line['started']} open={line['open']} closed={line['closed']} "
+                  f"failed={sum(f.values())} lag={line['lag_ms']:.1f}ms "
+                  f"cpu={'/'.join(str(round(p['cpu_percent'])) for p in line['procs'])}%"
+                  f"{' SATURATED' if line['saturated'] else ''}", file=sys.stderr)  # fmt: skip
+
+    def _signal(self, reason: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = reason
+        for child in self.children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+
+    async def _read(self, k: int, child: asyncio.subprocess.Process) -> None:
+        assert child.stdout is not None and self.merger is not None
+        while line := await child.stdout.readline():
+            try:
+                data = json.loads(line)
+            except ValueError:
+                print(f"agent proc {k}: {line.decode(errors='replace').rstrip()}", file=sys.stderr)
+                continue
+            if "tick" in data:
+                self.merger.add(k, data)
+                if data.get("final"):
+                    self.reasons[k] = str(data.get("reason", ""))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        args = self.args
+        for cfg in self.cfgs:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "lab.agent.proc",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=1 << 24,
+            )  # fmt: skip
+            self.children.append(child)
+            assert child.stdin is not None
+            child.stdin.write((json.dumps(cfg) + "\n").encode())
+            await child.stdin.drain()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signal, "signal")
+        for k, child in enumerate(self.children):
+            assert child.stdout is not None
+            try:
+                ready = await asyncio.wait_for(child.stdout.readline(), READY_TIMEOUT_S)
+            except TimeoutError:
+                ready = b""
+            if b"ready" not in ready:
+                self._signal("failed")
+                for c in self.children:
+                    await c.wait()
+                print(f"lab.agent: load process {k} did not start (see its error above)", file=sys.stderr)
+                return 1
+        if self.stop_reason:  # a signal while starting: nothing ran
+            for c in self.children:
+                await c.wait()
+            return 0
+        start_at = args.start_at if args.start_at is not None else time.time() + 0.5
+        if start_at < time.time() - 1.0:
+            print(f"lab.agent: --start-at is {time.time() - start_at:.1f}s in the past; "
+                  "the schedule starts behind (see lag_ms)", file=sys.stderr)  # fmt: skip
+        self.merger = Merger(args.agent_id, self.schedule, start_at)
+        for child in self.children:
+            assert child.stdin is not None
+            child.stdin.write((json.dumps({"start_at": start_at}) + "\n").encode())
+            await child.stdin.drain()
+        readers = [loop.create_task(self._read(k, c)) for k, c in enumerate(self.children)]
+        waits = [loop.create_task(c.wait()) for c in self.children]
+        start_mono = loop.time() + (start_at - time.time())
+        publisher = Publisher(self.publish) if self.publish else None
+        pub_task = loop.create_task(publisher.run(start_mono)) if publisher else None
+        hard_end = start_mono + (args.max_duration or self.schedule.end_s + 3600.0) + STOP_GRACE_S
+        tick = 1
+        killed_at: float | None = None
+        while not all(w.done() for w in waits):
+            await asyncio.wait(waits, timeout=max(0.0, start_mono + tick + EMIT_DELAY_S - loop.time()))
+            if loop.time() >= start_mono + tick + EMIT_DELAY_S and not all(w.done() for w in waits):
+                self.emit(self.merger.line("agent", publisher))
+                tick = int(loop.time() - start_mono - EMIT_DELAY_S) + 1
+            if loop.time() > hard_end and killed_at is None:
+                self._signal("max_duration")
+                killed_at = loop.time()
+            if killed_at is not None and loop.time() > killed_at + STOP_GRACE_S:
+                for c in self.children:
+                    if c.returncode is None:
+                        c.kill()
+        await asyncio.gather(*readers)
+        if publisher is not None and pub_task is not None:
+            publisher.stop()
+            await pub_task
+        return self._end(publisher)
+
+    def _end(self, publisher: Publisher | None) -> int:
+        assert self.merger is not None
+        crashed = [k for k, c in enumerate(self.children) if c.returncode != 0 or k not in self.reasons]
+        reasons = set(self.reasons.values())
+        line = self.merger.line("agent_end", publisher)
+        line["saturated_any"] = self.merger.saturated_ever
+        if crashed:
+            line["outcome"], line["reason"] = "failed", (
+                f"load process(es) {crashed} exited without finishing "
+                f"(codes {[self.children[k].returncode for k in crashed]})"
+            )
+        elif self.stop_reason == "signal" or "signal" in reasons:
+            line["outcome"], line["reason"] = "interrupted", "signal"
+        elif "max_duration" in reasons or self.stop_reason == "max_duration":
+            line["outcome"], line["reason"] = "interrupted", "max_duration"
+        else:
+            line["outcome"], line["reason"] = "completed", ""
+        self._join_records()
+        self.emit(line)
+        return 1 if crashed else 0
+
+    def _join_records(self) -> None:
+        dst = self.args.records
+        if not dst:
+            return
+        Path(dst).unlink(missing_ok=True)
+        Path(dst).touch()
+        for cfg in self.cfgs:
+            part = cfg.get("records_path")
+            if part and Path(part).exists():
+                append_file(dst, part)
+                Path(part).unlink()
+
+
+def prepare(args: argparse.Namespace) -> tuple[Schedule, list[ProcConfigJSON], PublishSpec | None, list[str]]:
+    """Everything decided before any process or connection: the plan, its capacity, the
+    process configs. Raises UsageError / CapacityError with the fix."""
+    kind = SessionKind(args.session)
+    try:
+        targets = [make_target(u, kind) for u in args.url]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    arrival, seed = args.arrival, args.seed
+    if args.plan:
+        phases, p_arrival, p_seed = load_plan_file(args.plan)
+        arrival = p_arrival or arrival
+        seed = p_seed if p_seed is not None else seed
+    else:
+        if args.connections < 0 or not args.rate > 0 or args.hold < 0:
+            raise UsageError("--rate must be > 0, --connections and --hold >= 0")
+        phases = simple_phases(args.rate, args.connections, args.hold, args.close_rate)
+    try:
+        schedule = build_schedule(phases, arrival=Arrival(arrival), seed=int(seed))
+    except (PlanError, ValueError) as exc:
+        raise UsageError(f"plan: {exc}") from exc
+    limits = read_host_limits()
+    peak, peak_rate = schedule.peak_open(), schedule.peak_rate_per_s()
+    if args.procs == "auto":
+        procs = auto_procs(peak, peak_rate, limits)
+    else:
+        try:
+            procs = int(args.procs)
+            assert procs >= 1
+        except (ValueError, AssertionError) as exc:
+            raise UsageError(f"--procs {args.procs!r}: give a number >= 1 or auto") from exc
+    destinations = len({t.addr for t in targets})
+    loopback = all(is_loopback_host(t.host) for t in targets)
+    needed = source_addresses_for(-(-peak // max(1, destinations)), limits)
+    try:
+        sources = parse_source_ips(args.source_ips, needed=needed, loopback=loopback)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    warnings = check_capacity(Demand(peak, peak_rate, procs, len(sources), destinations), limits)
+    check_source_ips(sources)
+    publish = None
+    if args.publish_url:
+        try:
+            publish = PublishSpec(args.publish_url, args.publish_rate, args.publish_count,
+                                  args.publish_token, args.payload_bytes, args.publish_delay)  # fmt: skip
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    cfgs: list[ProcConfigJSON] = [
+        {
+            "proc": k, "procs": procs, "agent": args.agent_id, "session": kind.value,
+            "urls": list(args.url), "source_ips": sources, "phases": phases_to_json(phases),
+            "arrival": arrival, "seed": int(seed), "max_duration_s": args.max_duration,
+            "connect_timeout_s": args.connect_timeout, "subscribe": list(args.subscribe),
+            "records_path": f"{args.records}.p{k}" if args.records else None,
+            "lp_timeout_s": args.lp_timeout,
+        }  # fmt: skip
+        for k in range(procs)
+    ]
+    return schedule, cfgs, publish, warnings
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m lab.agent`` / ``lab agent``: run the plan; 0 when it ran (connect errors are
+    data), 2 with a message on stderr when it could not run (bad flags, capacity)."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        schedule, cfgs, publish, warnings = prepare(args)
+    except (UsageError, CapacityError) as exc:
+        print(f"lab.agent: {exc}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"lab.agent: warning: {w}", file=sys.stderr)
+    if not args.quiet:
+        print(f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es), "
+              f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s", file=sys.stderr)  # fmt: skip
+    out = open(args.out, "a", encoding="utf-8") if args.out else None  # noqa: SIM115
+    try:
+        import uvloop
+
+        return uvloop.run(Coordinator(args, schedule, cfgs, publish, out).run())
+    finally:
+        if out is not None:
+            out.close()

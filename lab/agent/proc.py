@@ -1,0 +1,381 @@
+"""One load process: follows its shard of the schedule, reports a JSON line per second.
+
+What it is for: the coordinator (``lab.agent.coordinator``) starts ``--procs`` of these as
+``python -m lab.agent.proc``. Protocol on the pipes (one JSON object per line):
+
+- stdin, line 1: the ``ProcConfig`` (``ProcConfigJSON``); the process builds its schedule
+  shard, preallocates its records and answers ``{"ready": pid}`` on stdout;
+- stdin, line 2: ``{"start_at": unix_s}``, the common start (may be in the future);
+- stdout: ``{"tick": k, ...}`` once a second at ``start_at + k`` with the cumulative counters,
+  the histograms of the interval, lag, CPU and USS; the last one has ``"final": true`` and
+  ``"reason"``. Then the process writes its records to ``records_path`` and exits 0.
+
+SIGTERM / SIGINT (or ``max_duration_s``): stop launching, close every connection cleanly
+(the server closes first for WebSockets), flush the last line and the records, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, TypedDict
+
+import psutil
+
+from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
+from lab.agent.records import Outcome, Records
+from lab.agent.schedule import Arrival, Phase, PhaseKind, build_schedule
+from lab.agent.session import CLIENTS, SessionKind, Shared, State, Target, classify, make_target
+from lab.limits import raise_nofile_soft_limit
+
+BATCH = 256  # opens/closes per scheduler turn before yielding to I/O
+CLOSE_GRACE_S = 3.0  # how long a clean close may take at the end before aborting
+
+
+class ProcConfigJSON(TypedDict, total=False):
+    """What the coordinator sends a load process (first stdin line)."""
+
+    proc: int
+    procs: int
+    agent: str
+    session: str
+    urls: list[str]
+    source_ips: list[str | None]
+    phases: list[dict[str, Any]]
+    arrival: str
+    seed: int
+    max_duration_s: float | None
+    connect_timeout_s: float
+    subscribe: list[str]
+    records_path: str | None
+    lp_timeout_s: float
+
+
+def phases_from_json(items: list[dict[str, Any]]) -> list[Phase]:
+    return [
+        Phase(
+            PhaseKind(p["kind"]),
+            rate_per_s=p.get("rate_per_s"),
+            until=p.get("until"),
+            duration_s=p.get("duration_s"),
+            count=p.get("count"),
+        )
+        for p in items
+    ]
+
+
+def phases_to_json(phases: list[Phase]) -> list[dict[str, Any]]:
+    out = []
+    for p in phases:
+        d: dict[str, Any] = {"kind": p.kind.value}
+        for k in ("rate_per_s", "until", "duration_s", "count"):
+            if getattr(p, k) is not None:
+                d[k] = getattr(p, k)
+        out.append(d)
+    return out
+
+
+class LoadProcess:
+    """The event-loop side of one load process (thin adapter over the pure schedule)."""
+
+    def __init__(self, cfg: ProcConfigJSON) -> None:
+        self.cfg = cfg
+        self.proc = int(cfg.get("proc", 0))
+        self.procs = int(cfg.get("procs", 1))
+        full = build_schedule(
+            phases_from_json(cfg["phases"]),
+            arrival=Arrival(cfg.get("arrival", "uniform")),
+            seed=int(cfg.get("seed", 0)),
+        )
+        self.sched = full.shard(self.proc, self.procs)
+        n = len(self.sched)
+        self.records = Records(n, proc=self.proc, procs=self.procs, agent=str(cfg.get("agent", "")))
+        kind = SessionKind(cfg.get("session", "websocket"))
+        self.targets: list[Target] = [
+            make_target(u, kind, lp_timeout_s=float(cfg.get("lp_timeout_s", 25.0))) for u in cfg["urls"]
+        ]
+        self.sources: list[str | None] = list(cfg.get("source_ips") or [None])
+        self.client_cls = CLIENTS[kind]
+        self.sh = Shared(self.records, tuple(cfg.get("subscribe") or ()))
+        self.close_order = sorted(range(n), key=self.sched.close_s.__getitem__)
+        self.connect_timeout_s = float(cfg.get("connect_timeout_s", 10.0))
+        self.max_duration_s = cfg.get("max_duration_s")
+        self.next_open = 0
+        self.next_close = 0
+        self.stopping = False
+        self.reason = ""
+        self.tick = 0
+        self.start_at = 0.0
+        self.t0 = 0.0  # loop.time() at start_at
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.done: asyncio.Event | None = None
+        self.ps = psutil.Process()
+        self.tasks: set[asyncio.Task] = set()
+
+    # -- schedule ---------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        assert self.loop is not None
+        return self.loop.time() - self.t0
+
+    def _pump(self) -> None:
+        """Open and close everything that is due, then arm the timer for the next event."""
+        if self.stopping:
+            return
+        loop = self.loop
+        assert loop is not None
+        el = self._elapsed()
+        opens = self.sched.open_s
+        n = len(opens)
+        budget = BATCH
+        k = self.next_open
+        c = self.sh.counters
+        while k < n and opens[k] <= el and budget:
+            lag = el - opens[k]
+            if lag > c.lag_max_s:
+                c.lag_max_s = lag
+            self._launch(k)
+            k += 1
+            budget -= 1
+        self.next_open = k
+        closes = self.sched.close_s
+        order = self.close_order
+        j = self.next_close
+        while j < n and closes[order[j]] <= el and budget:
+            self._close(order[j])
+            j += 1
+            budget -= 1
+        self.next_close = j
+        if not budget:
+            loop.call_soon(self._pump)
+            return
+        nxt = min(opens[k] if k < n else math.inf, closes[order[j]] if j < n else math.inf)
+        if nxt == math.inf:
+            end = self.sched.end_s
+            if el >= end:
+                self._finish("completed")
+            else:
+                loop.call_at(self.t0 + end, self._pump)
+            return
+        loop.call_at(self.t0 + nxt, self._pump)
+
+    def _launch(self, i: int) -> None:
+        sh = self.sh
+        g = i * self.procs + self.proc  # agent-wide index: spreads over (source, destination)
+        pairs = len(self.sources) * len(self.targets)
+        pair = g % pairs
+        src = self.sources[pair % len(self.sources)]
+        tgt = self.targets[pair // len(self.sources)]
+        rec = self.records
+        rec.started[i] = time.time()
+        rec.outcome[i] = Outcome.PENDING
+        sh.counters.started += 1
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in tgt.host else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            sh.fail(i, classify(exc))
+            return
+        try:
+            sock.setblocking(False)
+            if src is not None:
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((src, 0))
+        except OSError as exc:
+            sock.close()
+            sh.fail(i, classify(exc))
+            return
+        client = self.client_cls(sh, i, tgt)
+        sh.conns[i] = client
+        task = asyncio.ensure_future(self._connect(i, sock, tgt, client))
+        sh.pending[i] = task
+
+    async def _connect(self, i: int, sock: socket.socket, tgt: Target, client: Any) -> None:
+        loop = self.loop
+        assert loop is not None
+        try:
+            await loop.sock_connect(sock, tgt.addr)
+            await loop.create_connection(lambda: client, sock=sock)
+        except asyncio.CancelledError:
+            sock.close()
+            if client.st < State.CLOSING:
+                client.st = State.DONE
+                self.sh.fail(i, Outcome.TIMEOUT if not self.stopping else Outcome.PENDING)
+        except OSError as exc:
+            sock.close()
+            if client.st < State.CLOSING:
+                client.st = State.DONE
+                self.sh.fail(i, classify(exc))
+
+    def _close(self, i: int) -> None:
+        client = self.sh.conns[i]
+        if client is not None:
+            if client.st == State.CONNECTING:
+                task = self.sh.pending.get(i)
+                if isinstance(task, asyncio.Future):
+                    task.cancel()
+                return
+            client.close()
+
+    def _sweep_timeouts(self) -> None:
+        limit = time.time() - self.connect_timeout_s
+        started = self.records.started
+        for i, obj in list(self.sh.pending.items()):
+            if started[i] < limit:
+                if isinstance(obj, asyncio.Future):
+                    obj.cancel()
+                else:
+                    obj.fail(Outcome.TIMEOUT)
+
+    # -- reporting --------------------------------------------------------------------------
+    def _line(self, final: bool = False) -> dict[str, Any]:
+        c = self.sh.counters
+        lag = c.lag_max_s
+        if not self.stopping and self.next_open < len(self.sched):
+            lag = max(lag, self._elapsed() - self.sched.open_s[self.next_open])
+        try:
+            cpu = self.ps.cpu_percent(None)
+            uss = self.ps.memory_full_info().uss
+        except psutil.Error:
+            cpu, uss = 0.0, 0
+        line = {
+            "tick": self.tick,
+            "t": time.time(),
+            "pid": os.getpid(),
+            "proc": self.proc,
+            "started": c.started,
+            "connected": c.connected,
+            "open": c.open,
+            "closed": c.closed,
+            "dropped": c.dropped,
+            "failed": dict(zip(("refused", "timeout", "reset", "no_port", "no_files", "http", "other"), c.failed, strict=True)),
+            "msgs_in": c.msgs_in,
+            "msgs_out": c.msgs_out,
+            "bytes_in": c.bytes_in,
+            "bytes_out": c.bytes_out,
+            "lost": c.lost,
+            "dup": c.dup,
+            "reordered": c.reordered,
+            "lag_ms": round(max(0.0, lag) * 1000.0, 3),
+            "cpu_percent": cpu,
+            "uss": uss,
+            "connect_hist": self.sh.connect_hist.to_json(),
+            "delivery_hist": self.sh.delivery_hist.to_json(),
+        }
+        if final:
+            line["final"] = True
+            line["reason"] = self.reason
+        c.lag_max_s = 0.0
+        self.sh.connect_hist.reset()
+        self.sh.delivery_hist.reset()
+        return line
+
+    def _emit(self, line: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    def _on_tick(self) -> None:
+        if self.done is None or self.done.is_set():
+            return
+        self.tick += 1
+        self._sweep_timeouts()
+        self._emit(self._line())
+        assert self.loop is not None
+        self.loop.call_at(self.t0 + self.tick + 1, self._on_tick)
+
+    # -- stop -------------------------------------------------------------------------------
+    def _finish(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.reason = reason
+        assert self.loop is not None
+        self.loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        sh = self.sh
+        unconnected = Outcome.TIMEOUT if self.reason == "completed" else Outcome.PENDING
+        for i, client in enumerate(sh.conns):
+            if client is None:
+                continue
+            if client.st == State.CONNECTING:
+                task = sh.pending.get(i)
+                if isinstance(task, asyncio.Future):
+                    task.cancel()
+            else:
+                client.close(unconnected)
+            if i % 2048 == 2047:
+                await asyncio.sleep(0)
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        while any(c is not None for c in sh.conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in sh.conns:
+            if client is not None and client.tr is not None:
+                client.tr.abort()
+        await asyncio.sleep(0)
+        assert self.done is not None
+        self.done.set()
+
+    async def run(self, start_at: float) -> str:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.done = asyncio.Event()
+        now = time.time()
+        self.start_at = start_at
+        self.t0 = loop.time() + (start_at - now)
+        sched = self.sched
+        for i in range(len(sched)):
+            self.records.scheduled[i] = start_at + sched.open_s[i]
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._finish, "signal")
+        if self.max_duration_s:
+            loop.call_at(self.t0 + float(self.max_duration_s), self._finish, "max_duration")
+        self.ps.cpu_percent(None)
+        loop.call_at(self.t0, self._pump)
+        loop.call_at(self.t0 + 1, self._on_tick)
+        await self.done.wait()
+        self.tick += 1
+        self._emit(self._line(final=True))
+        return self.reason
+
+    def save_records(self) -> None:
+        path = self.cfg.get("records_path")
+        if path:
+            self.records.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one load process (started by the coordinator, configured on stdin)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop handles it
+    raise_nofile_soft_limit()
+    cfg: ProcConfigJSON = json.loads(sys.stdin.readline())
+    lp = LoadProcess(cfg)
+    gc.collect()
+    gc.freeze()  # the setup's objects never need scanning again
+    gc.set_threshold(50_000, 50, 1000)
+    sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the coordinator went away before the start
+    start_at = float(json.loads(line)["start_at"])
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a core dependency
+        runner = asyncio.run
+    try:
+        runner(lp.run(start_at))
+    finally:
+        lp.save_records()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,585 @@
+"""Client sessions: one tiny asyncio protocol object per connection, per session kind.
+
+What it is for: the load process (``lab.agent.proc``) opens a socket and hands it to one of
+these protocols, which drives the session and updates the process's shared ``Counters``,
+histograms and record columns. Per-connection state is a handful of ``__slots__``; parsers
+live only while needed (the HTTP parser until the upgrade; the frame reader while a frame is
+incomplete), so an idle held WebSocket costs a protocol, a transport and a socket.
+
+Kinds (``SessionKind``):
+- ``websocket``: HTTP upgrade (a request built once per destination; the 101 response parsed
+  with ``httptools``; ``Sec-WebSocket-Accept`` checked), optional subscribe frames, then idle
+  or receive; messages are comet envelopes ``{"channel", "id", "data"}``: per-channel ids give
+  lost / duplicated / reordered counts, ``data`` = ``{"ts": unix_s, "seq": n}`` gives the
+  delivery latency. Frames are parsed with ``websockets.frames.Frame.parse``.
+- ``generic``: any WebSocket URL: upgrade and hold; frames counted, pings answered.
+- ``longpoll``: HTTP/1.1 keep-alive loop of ``GET /lp?channel=..&since=..``; connected = TCP up.
+- ``sse``: ``GET /sse``; connected = response headers (200) received; events parsed here
+  (``id:`` / ``data:`` lines, the trivial text/event-stream format), body via ``httptools``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httptools
+from websockets.frames import Close, Frame, Opcode
+
+OP_CONT, OP_TEXT, OP_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+OP_CLOSE, OP_PING, OP_PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
+from websockets.streams import StreamReader
+from websockets.utils import accept_key
+
+from lab.agent.records import Outcome, Records
+from lab.histogram import Histogram
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+WINDOW = 64  # ids remembered per channel for duplicate / reorder detection
+WINDOW_MASK = (1 << WINDOW) - 1
+
+
+class SessionKind(enum.Enum):
+    WEBSOCKET = "websocket"
+    LONGPOLL = "longpoll"
+    SSE = "sse"
+    GENERIC = "generic"
+
+
+class State(enum.IntEnum):
+    CONNECTING = 0
+    HANDSHAKE = 1
+    OPEN = 2
+    CLOSING = 3
+    DONE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One destination: where to connect and the request bytes to send first."""
+
+    kind: SessionKind
+    host: str
+    port: int
+    path: str  # path without the query
+    query: str
+    channel: str
+    request: bytes  # the first request (upgrade / SSE / first long-poll)
+    accept: bytes  # expected Sec-WebSocket-Accept (websocket kinds)
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> Target:
+    """Parse ``url`` for ``kind``; raises ValueError naming the problem and the fix."""
+    parts = urlsplit(url)
+    want = {"ws", "wss"} if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC) else {"http"}
+    if parts.scheme not in want:
+        raise ValueError(
+            f"--url {url!r}: session {kind.value} needs a {'/'.join(sorted(want))}:// URL "
+            f"(e.g. {'ws://127.0.0.1:8080/ws?channel=bench' if 'ws' in want else 'http://127.0.0.1:8080/' + ('lp' if kind is SessionKind.LONGPOLL else 'sse') + '?channel=bench'})"
+        )
+    if parts.scheme == "wss":
+        raise ValueError(f"--url {url!r}: TLS (wss://) is not supported; use ws://")
+    if not parts.hostname:
+        raise ValueError(f"--url {url!r}: no host; give e.g. ws://127.0.0.1:8080/ws")
+    host = parts.hostname
+    port = parts.port or 80
+    path = parts.path or "/"
+    query = parts.query
+    channels = parse_qs(query).get("channel", [])
+    channel = channels[0] if channels else ""
+    if kind in (SessionKind.LONGPOLL, SessionKind.SSE) and not channel:
+        raise ValueError(f"--url {url!r}: session {kind.value} needs ?channel=NAME")
+    hostport = f"{host}:{port}"
+    accept = b""
+    if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC):
+        key = base64.b64encode(os.urandom(16)).decode()
+        accept = accept_key(key).encode()
+        target = path + ("?" + query if query else "")
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    elif kind is SessionKind.SSE:
+        request = (
+            f"GET {path}?{query} HTTP/1.1\r\nHost: {hostport}\r\nAccept: text/event-stream\r\n"
+            "Cache-Control: no-cache\r\n\r\n"
+        ).encode()
+    else:
+        q = urlencode({"channel": channel, "timeout": lp_timeout_s})
+        request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
+    return Target(kind, host, port, path, query, channel, request, accept)
+
+
+class Counters:
+    """Cumulative counters of one load process (the JSON line's fields)."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "connected",
+        "dropped",
+        "dup",
+        "failed",
+        "lag_max_s",
+        "lost",
+        "msgs_in",
+        "msgs_out",
+        "open",
+        "reordered",
+        "started",
+    )
+
+    def __init__(self) -> None:
+        self.started = self.connected = self.closed = self.open = self.dropped = 0
+        self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
+        self.lost = self.dup = self.reordered = 0
+        self.failed = [0] * 7  # Outcome.REFUSED .. Outcome.OTHER
+        self.lag_max_s = 0.0
+
+
+class Shared:
+    """What every connection of a process shares: counters, histograms, records, settings."""
+
+    __slots__ = (
+        "close_frame",
+        "conns",
+        "connect_hist",
+        "counters",
+        "delivery_hist",
+        "pending",
+        "records",
+        "subscribe_frames",
+    )
+
+    def __init__(self, records: Records, subscribe: tuple[str, ...] = ()) -> None:
+        self.records = records
+        self.counters = Counters()
+        self.connect_hist = Histogram("us")
+        self.delivery_hist = Histogram("us")
+        self.conns: list[Client | None] = [None] * records.n
+        self.pending: dict[int, Any] = {}  # index -> connect task or handshaking client
+        self.close_frame = Frame(OP_CLOSE, Close(1000, "").serialize()).serialize(mask=True)
+        self.subscribe_frames = b"".join(
+            Frame(OP_TEXT, json.dumps({"subscribe": ch}).encode()).serialize(mask=True) for ch in subscribe
+        )
+
+    def fail(self, i: int, outcome: Outcome) -> None:
+        """Connection ``i`` failed to connect (or was dropped before its planned close)."""
+        rec = self.records
+        if rec.outcome[i] == Outcome.OK:  # dropped after connecting
+            self.counters.dropped += 1
+            self.counters.open -= 1
+            self.counters.closed += 1
+            rec.closed[i] = time.time()
+        elif Outcome.REFUSED <= outcome <= Outcome.OTHER:
+            self.counters.failed[outcome - Outcome.REFUSED] += 1
+        rec.outcome[i] = outcome
+        self.pending.pop(i, None)
+        self.conns[i] = None
+
+    def connected(self, i: int) -> None:
+        now = time.time()
+        rec = self.records
+        rec.connected[i] = now
+        rec.outcome[i] = Outcome.OK
+        c = self.counters
+        c.connected += 1
+        c.open += 1
+        self.connect_hist.record((now - rec.scheduled[i]) * 1e6)
+        self.pending.pop(i, None)
+
+    def track(self, chs: dict[str, list[int]], channel: str, mid: int, data: Any) -> None:
+        """Count one delivered message: order per channel, and delivery latency from ``ts``."""
+        c = self.counters
+        st = chs.get(channel)
+        if st is None:
+            chs[channel] = [mid, 1]
+        else:
+            last, mask = st
+            if mid > last:
+                c.lost += mid - last - 1
+                st[0] = mid
+                st[1] = ((mask << (mid - last)) | 1) & WINDOW_MASK
+            elif last - mid < WINDOW:
+                bit = 1 << (last - mid)
+                if mask & bit:
+                    c.dup += 1
+                else:
+                    st[1] = mask | bit
+                    c.reordered += 1
+                    c.lost -= 1  # counted as lost when the gap opened
+            else:
+                c.reordered += 1
+        if isinstance(data, str) and data[:1] == "{":
+            try:
+                ts = json.loads(data).get("ts")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(ts, int | float):
+                self.delivery_hist.record((time.time() - ts) * 1e6)
+
+
+def classify(exc: BaseException) -> Outcome:
+    """The outcome that an exception raised while connecting stands for."""
+    import errno
+
+    if isinstance(exc, ConnectionRefusedError):
+        return Outcome.REFUSED
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return Outcome.TIMEOUT
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return Outcome.RESET
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            return Outcome.NO_PORT
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return Outcome.NO_FILES
+        if exc.errno == errno.ETIMEDOUT:
+            return Outcome.TIMEOUT
+        if exc.errno == errno.ECONNREFUSED:
+            return Outcome.REFUSED
+    return Outcome.OTHER
+
+
+class Client(asyncio.Protocol):
+    """Base of the session protocols: transport, index, state, lazily-made parser state."""
+
+    __slots__ = ("aux", "chs", "i", "sh", "st", "tgt", "tr")
+
+    def __init__(self, sh: Shared, i: int, tgt: Target) -> None:
+        self.sh = sh
+        self.i = i
+        self.tgt = tgt
+        self.st = State.CONNECTING
+        self.tr: Any = None
+        self.aux: Any = None
+        self.chs: dict[str, list[int]] | None = None
+
+    def fail(self, outcome: Outcome) -> None:
+        if self.st >= State.CLOSING:
+            return
+        self.st = State.DONE
+        self.sh.fail(self.i, outcome)
+        self.aux = None
+        if self.tr is not None:
+            self.tr.abort()
+
+    def close(self, unconnected: Outcome = Outcome.TIMEOUT) -> None:
+        """Planned close (schedule or shutdown): the server is asked to close first. A
+        connection still handshaking ends with outcome ``unconnected``."""
+        if self.st >= State.CLOSING:
+            return
+        if self.st < State.OPEN:
+            self.fail(unconnected)
+            return
+        self.st = State.CLOSING
+        sh = self.sh
+        sh.records.closed[self.i] = time.time()
+        sh.counters.closed += 1
+        sh.counters.open -= 1
+        self._send_close()
+
+    def _send_close(self) -> None:
+        self.tr.close()
+
+    def connection_made(self, transport: Any) -> None:
+        self.tr = transport
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.st < State.CLOSING:
+            self.fail(Outcome.RESET)
+        self.st = State.DONE
+        self.sh.conns[self.i] = None
+        self.sh.pending.pop(self.i, None)
+        self.tr = None
+        self.aux = None
+
+    # httptools callbacks (while handshaking)
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"sec-websocket-accept" and value == self.tgt.accept:
+            self.chs = {}  # marks a correct accept key until the upgrade completes
+
+
+class WebSocketClient(Client):
+    """``websocket`` (envelopes tracked) and ``generic`` (frames only) sessions."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: Any) -> None:
+        self.tr = transport
+        self.st = State.HANDSHAKE
+        self.aux = httptools.HttpResponseParser(self)
+        self.sh.pending[self.i] = self
+        transport.write(self.tgt.request)
+        self.sh.counters.bytes_out += len(self.tgt.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.sh.counters.bytes_in += len(data)
+        if self.st == State.HANDSHAKE:
+            try:
+                self.aux.feed_data(data)
+            except httptools.HttpParserUpgrade as up:
+                self._upgraded(data[up.args[0] :])
+                return
+            except httptools.HttpParserError:
+                self.fail(Outcome.HTTP)
+            return
+        if self.st >= State.DONE:
+            return
+        self._frames(data)
+
+    def on_headers_complete(self) -> None:
+        if self.aux.get_status_code() != 101:
+            raise ValueError("not an upgrade")  # surfaces as HttpParserError: an HTTP failure
+
+    def _upgraded(self, rest: bytes) -> None:
+        if self.aux.get_status_code() != 101 or self.chs is None:
+            self.fail(Outcome.HTTP)
+            return
+        self.aux = None
+        self.chs = None
+        self.st = State.OPEN
+        sh = self.sh
+        sh.connected(self.i)
+        if sh.subscribe_frames:
+            self.tr.write(sh.subscribe_frames)
+            sh.counters.bytes_out += len(sh.subscribe_frames)
+        if rest:
+            self._frames(rest)
+
+    def _send_close(self) -> None:
+        self.tr.write(self.sh.close_frame)
+
+    def _frames(self, data: bytes) -> None:
+        aux = self.aux
+        if aux is None:
+            reader = StreamReader()
+            aux = self.aux = [reader, Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES), None]
+        reader, gen = aux[0], aux[1]
+        reader.feed_data(data)
+        while True:
+            try:
+                next(gen)
+                return  # the frame is incomplete: keep the reader
+            except StopIteration as done:
+                frame = done.value
+            except Exception:
+                self.fail(Outcome.OTHER)
+                return
+            if not reader.buffer and aux[2] is None:
+                self.aux = None
+                self._frame(frame)
+                return
+            gen = aux[1] = Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES)
+            self._frame(frame)
+            if self.aux is None or self.st == State.DONE:
+                return
+
+    def _frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op is OP_TEXT or op is OP_BINARY or op is OP_CONT:
+            data = frame.data
+            if not frame.fin or op is OP_CONT:
+                aux = self.aux
+                if aux is None:  # keep the partial message beside an (empty) reader
+                    reader = StreamReader()
+                    aux = self.aux = [reader, Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES), None]
+                aux[2] = data if aux[2] is None else aux[2] + data
+                if not frame.fin:
+                    return
+                data, aux[2] = aux[2], None
+            self.sh.counters.msgs_in += 1
+            if self.tgt.kind is SessionKind.WEBSOCKET:
+                self._message(data)
+        elif op is OP_PING:
+            pong = Frame(OP_PONG, frame.data).serialize(mask=True)
+            self.tr.write(pong)
+        elif op is OP_CLOSE:
+            if self.st == State.CLOSING:
+                self.tr.close()
+                return
+            # the server closed first: answer, count the drop
+            self.tr.write(self.sh.close_frame)
+            self.fail(Outcome.RESET)
+
+    def _message(self, data: bytes | bytearray) -> None:
+        try:
+            env = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(env, dict):
+            return
+        mid = env.get("id")
+        if isinstance(mid, int) and "channel" in env:
+            if self.chs is None:
+                self.chs = {}
+            self.sh.track(self.chs, str(env["channel"]), mid, env.get("data"))
+
+
+class LongPollClient(Client):
+    """``longpoll``: a keep-alive loop of GET /lp?channel=&since=&timeout= on one connection.
+    ``aux`` is ``[parser, body, since]`` while the connection lives."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: Any) -> None:
+        self.tr = transport
+        self.st = State.OPEN
+        self.sh.connected(self.i)
+        self.aux = [httptools.HttpResponseParser(self), bytearray(), None]
+        self._poll()
+
+    def _poll(self) -> None:
+        since = self.aux[2]
+        req = self.tgt.request
+        if since is not None:
+            req = req.replace(b"&timeout=", b"&since=%d&timeout=" % since, 1)
+        self.tr.write(req)
+        self.sh.counters.bytes_out += len(req)
+
+    def data_received(self, data: bytes) -> None:
+        self.sh.counters.bytes_in += len(data)
+        if self.aux is None:
+            return
+        try:
+            self.aux[0].feed_data(data)
+        except httptools.HttpParserError:
+            self.fail(Outcome.HTTP)
+
+    def on_body(self, body: bytes) -> None:
+        self.aux[1] += body
+
+    def on_message_complete(self) -> None:
+        aux = self.aux
+        status = aux[0].get_status_code()
+        body, aux[1] = aux[1], bytearray()
+        if status == 200:
+            try:
+                envs = json.loads(body)
+            except ValueError:
+                envs = []
+            for env in envs if isinstance(envs, list) else [envs]:
+                if isinstance(env, dict) and isinstance(env.get("id"), int):
+                    self.sh.counters.msgs_in += 1
+                    if self.chs is None:
+                        self.chs = {}
+                    ch = str(env.get("channel", self.tgt.channel))
+                    self.sh.track(self.chs, ch, env["id"], env.get("data"))
+                    if ch == self.tgt.channel:
+                        aux[2] = max(aux[2] or 0, env["id"])
+        elif status != 204:
+            self.fail(Outcome.HTTP)
+            return
+        if self.st == State.OPEN:
+            self._poll()
+
+
+class SSEClient(Client):
+    """``sse``: GET /sse, then text/event-stream events. ``aux`` is
+    ``[parser, line buffer, event id, data lines]`` while the connection lives."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: Any) -> None:
+        self.tr = transport
+        self.st = State.HANDSHAKE
+        self.sh.pending[self.i] = self
+        self.aux = [httptools.HttpResponseParser(self), b"", None, []]
+        transport.write(self.tgt.request)
+        self.sh.counters.bytes_out += len(self.tgt.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.sh.counters.bytes_in += len(data)
+        if self.aux is None:
+            return
+        try:
+            self.aux[0].feed_data(data)
+        except httptools.HttpParserError:
+            self.fail(Outcome.HTTP)
+
+    def on_headers_complete(self) -> None:
+        if self.aux[0].get_status_code() != 200:
+            self.fail(Outcome.HTTP)
+            return
+        self.st = State.OPEN
+        self.sh.connected(self.i)
+
+    def on_message_complete(self) -> None:
+        if self.st == State.OPEN:  # the server ended the stream
+            self.fail(Outcome.RESET)
+
+    def on_body(self, body: bytes) -> None:
+        aux = self.aux
+        if aux is None or self.st != State.OPEN:
+            return
+        buf = aux[1] + body
+        # lines end with \r\n, \n or \r; a trailing \r may be the first half of \r\n
+        start = 0
+        n = len(buf)
+        while start < n:
+            jn = buf.find(b"\n", start)
+            jr = buf.find(b"\r", start)
+            j = jn if jr < 0 or (0 <= jn < jr) else jr
+            if j < 0 or (j == jr and j + 1 == n):
+                break
+            line = buf[start:j]
+            start = j + 2 if j == jr and buf[j + 1 : j + 2] == b"\n" else j + 1
+            self._line(line)
+        aux[1] = buf[start:]
+
+    def _line(self, line: bytes) -> None:
+        aux = self.aux
+        if not line:
+            data = aux[3]
+            if data:
+                self._event(aux[2], b"\n".join(data))
+            aux[3] = []
+            return
+        if line[:1] == b":":
+            return
+        name, sep, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            aux[3].append(value)
+        elif name == b"id":
+            aux[2] = value
+        # "event" and "retry" are not used by the comet server
+
+    def _event(self, event_id: bytes | None, data: bytes) -> None:
+        self.sh.counters.msgs_in += 1
+        channel, mid, payload = self.tgt.channel, None, None
+        try:
+            env = json.loads(data)
+        except ValueError:
+            env = None
+        if isinstance(env, dict) and "id" in env and "channel" in env:
+            channel, mid, payload = str(env["channel"]), env["id"], env.get("data")
+        else:
+            payload = data.decode(errors="replace")
+            if event_id is not None and event_id.isdigit():
+                mid = int(event_id)
+        if isinstance(mid, int):
+            if self.chs is None:
+                self.chs = {}
+            self.sh.track(self.chs, channel, mid, payload)
+
+
+CLIENTS: dict[SessionKind, type[Client]] = {
+    SessionKind.WEBSOCKET: WebSocketClient,
+    SessionKind.GENERIC: WebSocketClient,
+    SessionKind.LONGPOLL: LongPollClient,
+    SessionKind.SSE: SSEClient,
+}

@@ -1,0 +1,433 @@
+"""The comet application protocol, sans-I/O: envelope, subscriptions, channel history,
+long-poll catch-up, request targets and client commands.
+
+Nothing here touches a socket, a clock or an event loop: the worker (``lab.comet.worker``)
+feeds requests and messages in and writes the bytes that come out. WebSocket and HTTP wire
+parsing come from ``websockets`` and ``httptools``; this module only decides what the comet
+server answers. Wire formats (the contract with clients, e.g. ``lab.agent``):
+
+- envelope: ``{"channel": "A", "id": 42, "data": "..."}`` (JSON, UTF-8), ``id`` per channel,
+  increasing by one from 1;
+- WebSocket: one text frame per envelope; client commands ``{"subscribe": "C"}`` and
+  ``{"unsubscribe": "C"}`` are answered ``{"subscribed": "C"}`` / ``{"unsubscribed": "C"}``;
+- long-poll ``GET /lp``: ``200`` with a JSON array of envelopes (oldest first), or ``204``;
+- SSE ``GET /sse``: ``id: <id>`` and ``data: <envelope JSON>`` per event;
+- ``POST /pub/<channel>``: ``200 {"id": N}`` once the message is sequenced.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypedDict, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.frames import Close, Frame, Opcode
+
+MAX_CHANNEL_CHARS = 200
+MAX_CHANNELS_PER_REQUEST = 64
+DEFAULT_LP_TIMEOUT_S = 25.0
+MAX_LP_TIMEOUT_S = 3600.0
+
+# Close codes for client frames the server does not accept (RFC 6455 §7.4.1).
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_GOING_AWAY = 1001
+
+
+class EnvelopeDict(TypedDict):
+    """A delivered message as clients receive it (JSON)."""
+
+    channel: str
+    id: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One sequenced message of a channel; ``id`` increases by one per channel from 1."""
+
+    channel: str
+    id: int
+    data: str
+
+    def envelope(self) -> EnvelopeDict:
+        return {"channel": self.channel, "id": self.id, "data": self.data}
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Outgoing:
+    """One message's encodings, each computed at most once per process however many
+    subscribers receive it (a broadcast serializes once and writes the same bytes)."""
+
+    __slots__ = ("_json", "_sse", "_ws", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._json: bytes | None = None
+        self._ws: bytes | None = None
+        self._sse: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = _dumps(self.message.envelope())
+        return self._json
+
+    @property
+    def ws_frame(self) -> bytes:
+        """The unmasked WebSocket text frame carrying the envelope."""
+        if self._ws is None:
+            self._ws = ws_text_frame(self.json)
+        return self._ws
+
+    @property
+    def sse_event(self) -> bytes:
+        if self._sse is None:
+            self._sse = b"id: %d\ndata: %s\n\n" % (self.message.id, self.json)
+        return self._sse
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A server-to-client (unmasked) WebSocket text frame."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+def ws_close_frame(code: int, reason: str) -> bytes:
+    """A server-to-client WebSocket close frame."""
+    return Frame(Opcode.CLOSE, Close(code, reason).serialize()).serialize(mask=False)
+
+
+def ws_ping_frame() -> bytes:
+    return Frame(Opcode.PING, b"").serialize(mask=False)
+
+
+def lp_body(messages: Iterable[Message]) -> bytes:
+    """Long-poll answer body: a JSON array of envelopes, oldest first."""
+    return _dumps([m.envelope() for m in messages])
+
+
+# ---------------------------------------------------------------- channels and history
+
+
+def check_channel(name: str) -> str | None:
+    """Return why ``name`` is not a valid channel name, or None when it is."""
+    if not name:
+        return "channel name is empty"
+    if len(name) > MAX_CHANNEL_CHARS:
+        return f"channel name longer than {MAX_CHANNEL_CHARS} characters"
+    if not name.isprintable():
+        return "channel name has non-printable characters"
+    return None
+
+
+class ChannelHistory:
+    """The last ``limit`` messages of one channel and the last id it assigned."""
+
+    __slots__ = ("last_id", "messages")
+
+    def __init__(self, limit: int) -> None:
+        self.messages: deque[Message] = deque(maxlen=max(0, limit))
+        self.last_id = 0
+
+    def append(self, message: Message) -> None:
+        self.messages.append(message)
+        self.last_id = max(self.last_id, message.id)
+
+    def after(self, since: int) -> list[Message]:
+        """Messages with an id greater than ``since`` that the history still holds."""
+        if since >= self.last_id:
+            return []
+        return [m for m in self.messages if m.id > since]
+
+
+class Sequencer:
+    """The single place that assigns per-channel ids (the supervisor process): every worker
+    receives every message in the order assigned here, so order holds across workers."""
+
+    def __init__(self, history_limit: int) -> None:
+        self.history_limit = history_limit
+        self.channels: dict[str, ChannelHistory] = {}
+        self.published = 0
+
+    def sequence(self, channel: str, data: str) -> Message:
+        history = self.channels.get(channel)
+        if history is None:
+            history = self.channels[channel] = ChannelHistory(self.history_limit)
+        message = Message(channel, history.last_id + 1, data)
+        history.append(message)
+        self.published += 1
+        return message
+
+    def replay(self) -> Iterator[Message]:
+        """Every message still held, channel by channel, for a (re)started worker."""
+        for history in self.channels.values():
+            yield from history.messages
+
+    def last_ids(self) -> dict[str, int]:
+        return {name: h.last_id for name, h in self.channels.items()}
+
+
+S = TypeVar("S")
+
+
+class Hub(Generic[S]):
+    """A worker's view of the channels: who is subscribed to what, and each channel's
+    history. Subscribers are opaque hashable objects (the worker's connections)."""
+
+    def __init__(self, history_limit: int) -> None:
+        self.history_limit = history_limit
+        self.subscriptions: dict[str, set[S]] = {}
+        self.histories: dict[str, ChannelHistory] = {}
+
+    def subscribe(self, subscriber: S, channel: str) -> None:
+        subs = self.subscriptions.get(channel)
+        if subs is None:
+            subs = self.subscriptions[channel] = set()
+        subs.add(subscriber)
+
+    def unsubscribe(self, subscriber: S, channel: str) -> None:
+        subs = self.subscriptions.get(channel)
+        if subs is not None:
+            subs.discard(subscriber)
+            if not subs:
+                del self.subscriptions[channel]
+
+    def record(self, message: Message) -> list[S]:
+        """Keep ``message`` in its channel's history; return the subscribers to deliver to
+        (a copy: delivering may unsubscribe)."""
+        history = self.histories.get(message.channel)
+        if history is None:
+            history = self.histories[message.channel] = ChannelHistory(self.history_limit)
+        history.append(message)
+        subs = self.subscriptions.get(message.channel)
+        return list(subs) if subs else []
+
+    def last_id(self, channel: str) -> int:
+        history = self.histories.get(channel)
+        return history.last_id if history is not None else 0
+
+    def after(self, channel: str, since: int) -> list[Message]:
+        history = self.histories.get(channel)
+        return history.after(since) if history is not None else []
+
+    def catch_up(self, channels: Iterable[str], since: int | None) -> list[Message]:
+        """Long-poll / SSE catch-up: messages after ``since`` on each channel (none when
+        ``since`` is None: the client wants only what comes next)."""
+        if since is None:
+            return []
+        out: list[Message] = []
+        for channel in channels:
+            out.extend(self.after(channel, since))
+        return out
+
+
+# ---------------------------------------------------------------- client commands
+
+
+class Action(enum.Enum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A client's WebSocket command."""
+
+    action: Action
+    channel: str
+
+    def reply(self) -> bytes:
+        key = "subscribed" if self.action is Action.SUBSCRIBE else "unsubscribed"
+        return _dumps({key: self.channel})
+
+
+class BadFrame(Exception):
+    """A client frame the server does not accept: close the WebSocket with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def parse_command(text: str) -> Command:
+    """Parse a client text frame: ``{"subscribe": "C"}`` or ``{"unsubscribe": "C"}``."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise BadFrame(CLOSE_UNSUPPORTED_DATA, "frame is not JSON") from None
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise BadFrame(CLOSE_POLICY_VIOLATION, 'expected {"subscribe": C} or {"unsubscribe": C}')
+    ((key, channel),) = obj.items()
+    try:
+        action = Action(key)
+    except ValueError:
+        raise BadFrame(CLOSE_POLICY_VIOLATION, f"unknown command {key[:40]!r}") from None
+    if not isinstance(channel, str):
+        raise BadFrame(CLOSE_POLICY_VIOLATION, "channel must be a string")
+    problem = check_channel(channel)
+    if problem is not None:
+        raise BadFrame(CLOSE_POLICY_VIOLATION, problem)
+    return Command(action, channel)
+
+
+# ---------------------------------------------------------------- HTTP request targets
+
+
+class Route(enum.Enum):
+    WS = "/ws"
+    LP = "/lp"
+    SSE = "/sse"
+    PUB = "/pub/"
+    STATS = "/stats"
+    HEALTHZ = "/healthz"
+
+
+class HttpError(Exception):
+    """A request the server answers with an error ``status`` and a message naming the fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request asks for, validated."""
+
+    route: Route
+    channels: tuple[str, ...] = ()
+    since: int | None = None
+    timeout_s: float = DEFAULT_LP_TIMEOUT_S
+
+
+_METHODS = {
+    Route.WS: "GET",
+    Route.LP: "GET",
+    Route.SSE: "GET",
+    Route.PUB: "POST",
+    Route.STATS: "GET",
+    Route.HEALTHZ: "GET",
+}
+
+
+def _channels(query: dict[str, list[str]], *, required: bool) -> tuple[str, ...]:
+    channels = tuple(dict.fromkeys(query.get("channel", [])))
+    if required and not channels:
+        raise HttpError(400, "missing ?channel=NAME (repeat it for several channels)")
+    if len(channels) > MAX_CHANNELS_PER_REQUEST:
+        raise HttpError(400, f"more than {MAX_CHANNELS_PER_REQUEST} channels in one request")
+    for channel in channels:
+        problem = check_channel(channel)
+        if problem is not None:
+            raise HttpError(400, f"{problem}: {channel[:40]!r}")
+    return channels
+
+
+def _since(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        since = int(value)
+    except ValueError:
+        raise HttpError(400, f"since/Last-Event-ID must be an integer id, got {value[:40]!r}")
+    if since < 0:
+        raise HttpError(400, "since/Last-Event-ID must be >= 0")
+    return since
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_target(method: str, url: str, last_event_id: str | None = None) -> Target:
+    """Validate a request line's method and target; raise ``HttpError`` (404, 405, 400).
+    Cached: thousands of clients send the same few targets (``/ws?channel=room``)."""
+    parts = urlsplit(url)
+    path = parts.path
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    except ValueError as exc:
+        raise HttpError(400, f"bad query string: {exc}") from None
+    if path.startswith("/pub/"):
+        route = Route.PUB
+    else:
+        try:
+            route = Route(path)
+        except ValueError:
+            raise HttpError(
+                404, f"no such path {path[:60]!r}; try /ws, /lp, /sse, /pub/<channel>, /stats"
+            ) from None
+    if method != _METHODS[route] and not (method == "HEAD" and _METHODS[route] == "GET"):
+        raise HttpError(405, f"{route.value} takes {_METHODS[route]}, not {method}")
+    if route is Route.PUB:
+        channel = unquote(path[len("/pub/") :])
+        problem = check_channel(channel)
+        if problem is not None:
+            raise HttpError(400, f"{problem}; publish to /pub/<channel>")
+        return Target(route, (channel,))
+    if route is Route.WS:
+        return Target(route, _channels(query, required=False))
+    if route is Route.LP:
+        timeout = query.get("timeout", [""])[-1]
+        try:
+            timeout_s = float(timeout) if timeout else DEFAULT_LP_TIMEOUT_S
+        except ValueError:
+            raise HttpError(400, f"timeout must be seconds, got {timeout[:40]!r}") from None
+        if not 0 <= timeout_s <= MAX_LP_TIMEOUT_S:
+            raise HttpError(400, f"timeout must be between 0 and {MAX_LP_TIMEOUT_S:g} s")
+        since = _since(query.get("since", [""])[-1])
+        return Target(route, _channels(query, required=True), since, timeout_s)
+    if route is Route.SSE:
+        since = _since(last_event_id if last_event_id else query.get("lastEventId", [""])[-1])
+        return Target(route, _channels(query, required=True), since)
+    return Target(route)
+
+
+REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def http_response(
+    status: int,
+    body: bytes = b"",
+    *,
+    content_type: str = "application/json",
+    keep_alive: bool = False,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """A complete HTTP/1.1 response with a Content-Length body."""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
+    if status != 204:
+        lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    lines.extend(f"{k}: {v}" for k, v in extra)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + body if status != 204 else head
+
+
+def error_body(message: str) -> bytes:
+    return _dumps({"error": message}) + b"\n"
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Connection: close\r\nX-Accel-Buffering: no\r\n\r\n"
+)

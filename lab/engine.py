@@ -1,0 +1,523 @@
+"""The engine of a run: connect, deploy, plan, start roles, watch, and always tear down.
+
+``Engine(experiment, folder, progress, overrides).run()`` connects to every host over SSH (the
+embedded server for ``local``), deploys the lab, reads metadata, clock offsets and limits,
+plans (``lab.plan.make_plan``), starts monitors, the server (waits until healthy) and the agents
+(one common start time), streams their JSON lines to the progress display and waits for the
+agents. Then, whatever happened (success, error, cancellation by Ctrl-C or SIGTERM, a host that
+dropped out), it stops every role's process group, checks that nothing of the run is left,
+fetches the files by SFTP, builds the tables, summarizes, judges thresholds and writes
+``run.json``. Callers use ``lab.run.execute``, which owns signals and threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import fnmatch
+import json
+import shlex
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lab.launch import HEALTH_SCRIPT, LIMITS_SCRIPT, STOP_SCRIPT, mask_secrets, role_command
+
+if TYPE_CHECKING:
+    from lab.deploy import Deployment
+    from lab.experiment import Experiment
+    from lab.plan import Plan, RoleLaunch
+    from lab.progress import Progress
+    from lab.ssh import EmbeddedServer, HostConnection
+
+SCHEMA_VERSION = 1
+STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL
+HEALTH_TIMEOUT_S = 30.0
+FINISH_SLACK_S = 30.0  # past start delay + max_duration_s before agents count as overdue
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on: the message says which host or role and why."""
+
+
+@dataclasses.dataclass(slots=True)
+class RoleProcess:
+    """A started role: its SSH process, process group, last stream line and exit status."""
+
+    launch: RoleLaunch
+    process: Any
+    pgid: int | None = None
+    last: dict[str, Any] | None = None
+    exit_status: int | None = None
+    reader: asyncio.Task[None] | None = None
+
+
+class Engine:
+    """One run, from connect to run.json. ``await run()`` never raises for run failures."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        folder: Any,
+        progress: Progress,
+        overrides: Mapping[str, str],
+    ) -> None:
+        self.exp = exp
+        self.folder = folder
+        self.path = Path(folder.path)
+        self.run_id = str(folder.run_id)
+        self.progress = progress
+        self.overrides = dict(overrides)
+        self.embedded: EmbeddedServer | None = None
+        self.conns: dict[str, HostConnection] = {}
+        self.deployments: dict[str, Deployment] = {}
+        self.rundirs: dict[str, str] = {}
+        self.offsets: dict[str, float] = {}
+        self.hosts: dict[str, dict[str, Any]] = {h.name: {"name": h.name} for h in exp.hosts}
+        self.roles: list[RoleProcess] = []
+        self.plan: Plan | None = None
+        self.stop_reason = ""
+        self.hurry = False
+        self.outcome = Outcome.FAILED
+        self.reason = ""
+        self.record: dict[str, Any] = {}
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Run, tear down, collect; return the final run.json record."""
+        from lab.metadata import collect_controller_metadata
+        from lab.ssh import host_record
+
+        started = time.time()
+        self.record = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "created": started,
+            "experiment": {
+                "path": self.exp.path,
+                "name": self.exp.name,
+                "resolved": self.exp.to_dict(),
+            },
+            "overrides": self.overrides,
+            "inventory": [host_record(h) for h in self.exp.hosts],
+            "insecure_hosts": [h.name for h in self.exp.hosts if h.insecure_skip_host_key_check],
+            "hosts": list(self.hosts.values()),
+            "controller": collect_controller_metadata(),
+            "outcome": "running",
+            "reason": "",
+            "started": started,
+            "ended": None,
+            "thresholds": [],
+            "summary": {},
+        }
+        self.folder.write_run_json(self.record)
+        task = asyncio.current_task()
+        try:
+            await self._body()
+            self.outcome, self.reason = Outcome.COMPLETED, ""
+        except asyncio.CancelledError:
+            if task is not None:
+                task.uncancel()
+            self.outcome = Outcome.INTERRUPTED
+            self.reason = self.stop_reason or "interrupted"
+        except Exception as exc:
+            self.outcome, self.reason = Outcome.FAILED, describe(exc)
+        self.progress.stage(
+            f"stopping ({self.outcome.value}{': ' + self.reason if self.reason else ''})"
+        )
+        await self._guarded(self._teardown(), "teardown")
+        await self._guarded(self._fetch_all(), "fetch")
+        await self._guarded(self._close(), "close")
+        self.record.update(outcome=self.outcome.value, reason=self.reason, ended=time.time())
+        self.folder.write_run_json(self.record)
+        self._collect()
+        self.folder.write_run_json(self.record)
+        self.progress.close()
+        return self.record
+
+    async def _guarded(self, coro: Any, what: str) -> None:
+        """Teardown steps must finish even when interrupted again, and never hide the outcome."""
+        task = asyncio.ensure_future(coro)
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                cur = asyncio.current_task()
+                if cur is not None:
+                    cur.uncancel()
+                self.hurry = True
+            except Exception as exc:
+                self._note(f"{what}: {describe(exc)}")
+                return
+
+    def _note(self, text: str) -> None:
+        self.record.setdefault("notes", []).append(text)
+        self.progress.stage(text)
+
+    async def _body(self) -> None:
+        from lab.plan import Role, make_plan
+
+        await self._connect_all()
+        self.progress.stage(f"deploying to {len(self.conns)} host(s)")
+        await self._each(self._prepare_host, self.conns)
+        limits = {name: info.pop("_limits") for name, info in self.hosts.items()}
+        self.plan = plan = make_plan(self.exp, limits)
+        self.record["plan"] = [
+            {
+                "host": x.host,
+                "role": x.role.value,
+                "name": x.name,
+                "argv": mask_secrets(x.argv),
+                "command": x.command,
+            }
+            for x in plan.launches
+        ]
+        self.folder.write_run_json(self.record)
+        used = {x.host for x in plan.launches}
+        await self._each(self._make_rundir, {h: self.conns[h] for h in used})
+
+        self.progress.stage("starting monitors")
+        for launch in plan.stage(Role.MONITOR):
+            await self._start(launch)
+        for launch in plan.stage(Role.SERVER):
+            self.progress.stage(f"starting server on {launch.host}")
+            server = await self._start(launch)
+            if launch.health_url:
+                await self._race(self._wait_healthy(server), [server], "server start")
+        start_at = time.time() + plan.start_delay_s
+        self.record["agents_start_at"] = start_at
+        agents = []
+        for launch in plan.stage(Role.AGENT):
+            host_start = start_at + self.offsets.get(launch.host, 0.0)
+            extra = [] if "--start-at" in launch.argv else ["--start-at", f"{host_start:.3f}"]
+            agents.append(await self._start(launch, extra))
+        self.progress.stage(f"agents start in {plan.start_delay_s:g} s")
+        deadline = start_at + plan.max_duration_s + FINISH_SLACK_S
+        watched = [r for r in self.roles if r.launch.role is Role.SERVER]
+        await self._race(self._agents_done(agents), watched, "load", deadline)
+
+    async def _each(self, fn: Any, conns: Mapping[str, HostConnection]) -> None:
+        """Run ``fn(name, conn)`` on every host at once; fail naming every host that failed."""
+        names = list(conns)
+        results = await asyncio.gather(*(fn(n, conns[n]) for n in names), return_exceptions=True)
+        errors = [
+            f"{n}: {describe(r)}"
+            for n, r in zip(names, results, strict=True)
+            if isinstance(r, Exception)
+        ]
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+        if errors:
+            raise RunFailed("; ".join(errors))
+
+    async def _connect_all(self) -> None:
+        from lab.ssh import EmbeddedServer, connect
+
+        if any(h.embedded for h in self.exp.hosts):
+            self.embedded = await EmbeddedServer().start()
+        self.progress.stage(f"connecting to {len(self.exp.hosts)} host(s)")
+        specs = list(self.exp.hosts)
+        results = await asyncio.gather(
+            *(connect(s, embedded=self.embedded) for s in specs), return_exceptions=True
+        )
+        errors = []
+        for spec, res in zip(specs, results, strict=True):
+            if isinstance(res, BaseException):
+                if not isinstance(res, Exception):
+                    raise res
+                errors.append(str(res))
+            else:
+                self.conns[spec.name] = res
+        if errors:
+            raise RunFailed("; ".join(errors))
+
+    async def _prepare_host(self, name: str, conn: HostConnection) -> None:
+        from lab.deploy import deploy
+        from lab.limits import HostLimits
+        from lab.ssh import measure_clock_offset
+
+        dep = await deploy(conn)
+        self.deployments[name] = dep
+        info = self.hosts[name]
+        info["deploy"] = {
+            "workdir": dep.workdir,
+            "python": dep.python,
+            "content_hash": dep.content_hash,
+            "reused": dep.reused,
+        }
+        q = shlex.quote
+        meta = await conn.run(f"{q(dep.python)} -m lab.metadata", check=False, timeout_s=60)
+        try:
+            info["metadata"] = json.loads(meta.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            info["metadata"] = {"error": (meta.stderr or meta.stdout).strip()[-500:]}
+        clock = await measure_clock_offset(conn, dep.python)
+        self.offsets[name] = info["clock_offset_s"] = clock.offset_s
+        info["clock_rtt_s"] = clock.rtt_s
+        lim = await conn.run(f"{q(dep.python)} -c {q(LIMITS_SCRIPT)}", timeout_s=60)
+        info["_limits"] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
+        info["limits"] = dataclasses.asdict(info["_limits"])
+
+    async def _make_rundir(self, name: str, conn: HostConnection) -> None:
+        self.rundirs[name] = await conn.resolve_dir(
+            f"{self.deployments[name].workdir}/runs/{self.run_id}"
+        )
+
+    # -- roles --------------------------------------------------------------------------------
+
+    async def _start(self, launch: RoleLaunch, extra: Sequence[str] = ()) -> RoleProcess:
+        conn = self.conns[launch.host]
+        command = role_command(
+            launch,
+            self.deployments[launch.host].python,
+            self.rundirs[launch.host],
+            self.run_id,
+            extra,
+        )
+        role = RoleProcess(launch, await conn.start(command))
+        role.reader = asyncio.ensure_future(self._read(role))
+        self.roles.append(role)
+        return role
+
+    async def _read(self, role: RoleProcess) -> None:
+        """Follow one role's stdout: its pgid, then JSON lines to progress; then its exit."""
+        try:
+            async for line in role.process.stdout:
+                if role.pgid is None and line.startswith("@pgid "):
+                    role.pgid = int(line.split()[1])
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    role.last = data
+                    self.progress.line(role.launch, data)
+            await role.process.wait()
+        except Exception:  # the connection dropped: the exit status stays unknown
+            pass
+        status = role.process.exit_status
+        role.exit_status = status if status is not None else -1
+
+    async def _race(
+        self,
+        work: Any,
+        watched: Sequence[RoleProcess],
+        what: str,
+        deadline: float | None = None,
+    ) -> None:
+        """Await ``work`` unless a watched role exits, a host drops out, or the deadline passes."""
+        main = asyncio.ensure_future(work)
+        guards: dict[asyncio.Future[Any], str] = {}
+        for r in watched:
+            if r.reader is not None:
+                guards[asyncio.ensure_future(asyncio.shield(r.reader))] = f"role:{r.launch.name}"
+        used = {r.launch.host for r in self.roles} or set(self.conns)
+        for name in used:
+            guards[asyncio.ensure_future(self.conns[name].wait_lost())] = f"host:{name}"
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            done, _ = await asyncio.wait(
+                {main, *guards}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for g in guards:
+                g.cancel()
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(BaseException):
+                    await main
+        if main in done:
+            main.result()
+            return
+        for g in done:
+            kind, _, name = guards[g].partition(":")
+            if kind == "host":
+                raise RunFailed(f"host {name!r} dropped out during {what} (SSH connection lost)")
+            role = next(r for r in watched if r.launch.name == name)
+            raise RunFailed(
+                f"{name} on host {role.launch.host!r} exited with {role.exit_status} during "
+                f"{what}: {await self._stderr_tail(role)}"
+            )
+        raise RunFailed(
+            f"{what} did not finish within max_duration_s ({self.exp.max_duration_s:g} s)"
+        )
+
+    async def _wait_healthy(self, server: RoleProcess) -> None:
+        url = server.launch.health_url
+        assert url
+        q = shlex.quote
+        dep = self.deployments[server.launch.host]
+        cmd = f"{q(dep.python)} -c {q(HEALTH_SCRIPT)} {q(url)} {HEALTH_TIMEOUT_S:g}"
+        result = await self.conns[server.launch.host].run(
+            cmd, check=False, timeout_s=HEALTH_TIMEOUT_S + 30
+        )
+        if result.exit_status != 0:
+            raise RunFailed(
+                f"server on host {server.launch.host!r} was not healthy at {url} within "
+                f"{HEALTH_TIMEOUT_S:g} s ({result.stderr.strip()}): "
+                f"{await self._stderr_tail(server)}"
+            )
+        self.progress.stage(f"server healthy at {url}")
+
+    async def _agents_done(self, agents: Sequence[RoleProcess]) -> None:
+        for agent in agents:
+            assert agent.reader is not None
+            await asyncio.shield(agent.reader)
+            if agent.exit_status != 0:
+                raise RunFailed(
+                    f"{agent.launch.name} on host {agent.launch.host!r} exited with "
+                    f"{agent.exit_status}: {await self._stderr_tail(agent)}"
+                )
+
+    async def _stderr_tail(self, role: RoleProcess) -> str:
+        conn = self.conns.get(role.launch.host)
+        rundir = self.rundirs.get(role.launch.host)
+        if conn is None or conn.lost or rundir is None:
+            return "(stderr not reachable)"
+        path = shlex.quote(f"{rundir}/{role.launch.name}.stderr.log")
+        with contextlib.suppress(Exception):
+            res = await conn.run(f"tail -c 1500 {path}", check=False, timeout_s=10)
+            return res.stdout.strip() or "(no stderr)"
+        return "(stderr not reachable)"
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    async def _reachable(self, name: str) -> HostConnection | None:
+        """The host's connection, reconnecting once (briefly) if it dropped."""
+        from lab.ssh import connect
+
+        conn = self.conns.get(name)
+        if conn is not None and not conn.lost:
+            return conn
+        with contextlib.suppress(Exception):
+            conn = await connect(self.exp.host(name), embedded=self.embedded, timeout_s=5)
+            self.conns[name] = conn
+            return conn
+        return None
+
+    async def _teardown(self) -> None:
+        """SIGTERM every group, SIGKILL after the grace, verify nothing of the run is left."""
+        hosts = sorted(self.rundirs)
+
+        async def one(name: str) -> None:
+            info = self.hosts[name]
+            conn = await self._reachable(name)
+            if conn is None:
+                info["teardown"] = {"unreachable": True}
+                self._note(f"host {name!r} unreachable at teardown: its roles could not be stopped")
+                return
+            rundir = self.rundirs[name]
+            found = await conn.run(f"cat {shlex.quote(rundir)}/*.pgid 2>/dev/null", check=False)
+            pgids = {int(x) for x in found.stdout.split() if x.isdigit()}
+            pgids |= {r.pgid for r in self.roles if r.launch.host == name and r.pgid}
+            grace = 0.5 if self.hurry else STOP_GRACE_S
+            python = self.exp.host(name).python
+            q = shlex.quote
+            cmd = f"{q(python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} {grace:g} " + " ".join(
+                str(g) for g in sorted(pgids)
+            )
+            res = await conn.run(cmd, check=False, timeout_s=grace + 60)
+            try:
+                report = json.loads(res.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                report = {"error": res.stderr.strip()[-500:]}
+            info["teardown"] = report
+            if report.get("left"):
+                self._note(f"host {name!r}: processes of the run still alive: {report['left']}")
+
+        await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
+        readers = [r.reader for r in self.roles if r.reader is not None]
+        if readers:
+            await asyncio.wait(readers, timeout=5)
+        self.record["roles"] = [
+            {
+                "name": r.launch.name,
+                "host": r.launch.host,
+                "role": r.launch.role.value,
+                "pgid": r.pgid,
+                "exit_status": r.exit_status,
+            }
+            for r in self.roles
+        ]
+
+    async def _fetch_all(self) -> None:
+        """Bring every stream, record and stderr file of the run home by SFTP."""
+
+        async def one(name: str) -> None:
+            conn = await self._reachable(name)
+            if conn is None:
+                return
+            rundir = self.rundirs[name]
+            wanted = [x for x in (self.plan.launches if self.plan else ()) if x.host == name]
+            globs = {g for x in wanted for g in (x.stream_file, *x.fetch_globs) if g}
+            for fname in await conn.listdir(rundir):
+                if fname.endswith(".stderr.log"):
+                    dest = self.path / "logs" / f"{name}-{fname[: -len('.stderr.log')]}.log"
+                elif fname.endswith(".pgid"):
+                    continue
+                elif any(fnmatch.fnmatch(fname, g) for g in globs) or fname.endswith(".jsonl"):
+                    dest = self.path / "raw" / name / fname
+                else:
+                    continue
+                await conn.get(f"{rundir}/{fname}", dest)
+
+        results = await asyncio.gather(
+            *(one(h) for h in sorted(self.rundirs)), return_exceptions=True
+        )
+        for host, res in zip(sorted(self.rundirs), results, strict=True):
+            if isinstance(res, Exception):
+                self._note(f"fetching from host {host!r} failed: {describe(res)}")
+
+    async def _close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.conns.values()), return_exceptions=True)
+        if self.embedded is not None:
+            await self.embedded.close()
+
+    def _collect(self) -> None:
+        """Tables, summary and thresholds from whatever was fetched (partial data included)."""
+        self.progress.stage("building tables")
+        try:
+            from lab.results import build_tables
+
+            self.record["tables"] = [Path(p).name for p in build_tables(self.path, self.offsets)]
+        except Exception as exc:
+            self._note(f"build_tables: {describe(exc)}")
+            return
+        try:
+            from lab import stats
+
+            summary = stats.summarize(stats.load_tables(self.path), self.record)
+            self.record["summary"] = _jsonable(summary)
+            self.record["thresholds"] = _jsonable(
+                stats.evaluate_thresholds(summary, self.exp.thresholds)
+            )
+        except Exception as exc:
+            self._note(f"summary: {describe(exc)}")
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, AssertionError | KeyError | TypeError | AttributeError | IndexError):
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" at {frame[0].filename}:{frame[0].lineno}" if frame else ""
+        return f"{type(exc).__name__}: {text}{where}"
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(
+        json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )

@@ -1,0 +1,131 @@
+"""How a planned role becomes a process group on its host, and how a run's processes stop.
+
+``role_command`` turns a ``lab.plan.RoleLaunch`` into the shell command the controller runs over
+SSH: ``setsid`` gives the role its own process group (its id is printed first as ``@pgid N`` and
+left in ``<name>.pgid``), stderr goes to ``<name>.stderr.log`` in the run dir, and
+``COMET_LAB_RUN_ID`` marks every process of the run. ``STOP_SCRIPT`` (run with the host's bare
+python) sends SIGTERM to the groups, SIGKILL after the grace period, then finds any process
+still carrying the run's marker, kills it and reports what was left. Used by ``lab.engine``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lab.plan import RoleLaunch
+
+MODULES = {"monitor": "lab.monitor", "server": "lab.comet", "agent": "lab.agent"}
+SECRET_FLAGS = ("--publish-token",)
+
+
+def mask_secrets(argv: Sequence[str]) -> list[str]:
+    """argv with the value after any secret flag replaced by ``***`` (for run.json and logs)."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in SECRET_FLAGS:
+            out[i + 1] = "***"
+    return out
+
+
+def role_command(
+    launch: RoleLaunch, python: str, rundir: str, run_id: str, extra: Sequence[str] = ()
+) -> str:
+    """The shell command that starts one role in its own process group (``setsid``).
+
+    The group leader prints ``@pgid N`` first and leaves ``<name>.pgid`` in the run dir; stderr
+    goes to ``<name>.stderr.log``; ``COMET_LAB_RUN_ID`` marks every process of the run.
+    """
+    q = shlex.quote
+    log = q(f"{launch.name}.stderr.log")
+    if launch.command:
+        inner = f"exec sh -c {q(launch.command)} 2>> {log}"
+    else:
+        args = " ".join(q(a) for a in (*launch.argv, *extra))
+        inner = f"exec {q(python)} -m {MODULES[launch.role.value]} {args} 2>> {log}"
+    wrapper = f'echo $$ > {q(launch.name + ".pgid")}; echo "@pgid $$"; {inner}'
+    return (
+        f"cd {q(rundir)} && COMET_LAB_RUN_ID={q(run_id)} PYTHONUNBUFFERED=1 "
+        f"exec setsid -w sh -c {q(wrapper)}"
+    )
+
+
+# Runs on a host with its bare python: TERM the groups, wait, KILL what is left, then look for
+# any process of this run (COMET_LAB_RUN_ID in its environment) and KILL it too.
+STOP_SCRIPT = r"""
+import json, os, re, signal, sys, time
+run_id, grace, pgids = sys.argv[1], float(sys.argv[2]), [int(g) for g in sys.argv[3:]]
+marker = ("COMET_LAB_RUN_ID=" + run_id).encode()
+role = re.compile(rb"lab\.(comet|agent|monitor)")
+def alive(g):
+    try:
+        os.killpg(g, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+def ours():
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            env = open("/proc/%s/environ" % p, "rb").read().split(b"\0")
+            cmd = open("/proc/%s/cmdline" % p, "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker in env:
+            found.append({"pid": int(p), "role": bool(role.search(cmd)),
+                          "cmd": cmd.decode("utf-8", "replace")[:200]})
+    return found
+signalled = []
+for g in pgids:
+    try:
+        os.killpg(g, signal.SIGTERM)
+        signalled.append(g)
+    except (ProcessLookupError, PermissionError):
+        pass
+deadline = time.time() + grace
+while time.time() < deadline and any(alive(g) for g in pgids):
+    time.sleep(0.1)
+killed = []
+for g in pgids:
+    if alive(g):
+        killed.append(g)
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+strays = ours()
+for p in strays:
+    try:
+        os.kill(p["pid"], signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+time.sleep(0.2 if strays else 0)
+print(json.dumps({"terminated": signalled, "killed": killed, "strays": strays, "left": ours()}))
+"""
+
+HEALTH_SCRIPT = r"""
+import sys, time, urllib.request
+url, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+last = ""
+while time.time() < deadline:
+    try:
+        with opener.open(url, timeout=2) as r:
+            if r.status == 200:
+                sys.exit(0)
+            last = "HTTP %d" % r.status
+    except Exception as exc:
+        last = str(exc)
+    time.sleep(0.1)
+print(last, file=sys.stderr)
+sys.exit(1)
+"""
+
+LIMITS_SCRIPT = (
+    "import dataclasses, json, lab.limits as l; "
+    "print(json.dumps(dataclasses.asdict(l.read_host_limits())))"
+)

@@ -1,0 +1,250 @@
+"""The comet server's wire API with real clients on loopback (one worker): each endpoint,
+subscribe/unsubscribe by message, history with long-poll ``since`` and SSE ``Last-Event-ID``,
+long-poll timeout, and bad input answered with the right status or close code while the worker
+keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from lab.comet.launch import ServerProcess
+
+TOKEN = "s3cret"
+MAX_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess(
+        workers=1,
+        extra=["--publish-token", TOKEN, "--max-message-bytes", str(MAX_BYTES),
+               "--max-head-bytes", "4096", "--history", "5", "--quiet"],
+    ) as s:
+        yield s
+
+
+def publish(server: ServerProcess, channel: str, data: str, token: str | None = TOKEN) -> int:
+    req = urllib.request.Request(
+        f"{server.url}/pub/{channel}", data=data.encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return int(json.load(resp)["id"])
+
+
+def get(server: ServerProcess, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def raw_exchange(server: ServerProcess, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def assert_still_serving(server: ServerProcess) -> None:
+    status, body = get(server, "/stats")
+    assert status == 200
+    stats = json.loads(body)
+    assert stats["workers"][0]["pid"] == server.worker_pids[0]
+    assert get(server, "/healthz")[0] == 200
+
+
+async def test_websocket_receives_publishes_on_its_channels(server: ServerProcess) -> None:
+    async with connect(f"{server.ws_url}/ws?channel=w1&channel=w2") as ws:
+        id1 = await asyncio.to_thread(publish, server, "w1", "hello")
+        id2 = await asyncio.to_thread(publish, server, "w2", "wörld")
+        got = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+    assert got == [
+        {"channel": "w1", "id": id1, "data": "hello"},
+        {"channel": "w2", "id": id2, "data": "wörld"},
+    ]
+
+
+async def test_subscribe_and_unsubscribe_by_message(server: ServerProcess) -> None:
+    async with connect(f"{server.ws_url}/ws") as ws:
+        await ws.send(json.dumps({"subscribe": "m1"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"subscribed": "m1"}
+        await ws.send(json.dumps({"subscribe": "m2"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"subscribed": "m2"}
+        await asyncio.to_thread(publish, server, "m1", "a")
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["data"] == "a"
+        await ws.send(json.dumps({"unsubscribe": "m1"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"unsubscribed": "m1"}
+        await asyncio.to_thread(publish, server, "m1", "not for me")
+        await asyncio.to_thread(publish, server, "m2", "b")
+        got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (got["channel"], got["data"]) == ("m2", "b")
+
+
+def test_long_poll_history_since_and_timeout(server: ServerProcess) -> None:
+    ids = [publish(server, "h1", f"m{i}") for i in range(7)]
+    assert ids == list(range(1, 8))
+    status, body = get(server, "/lp?channel=h1&since=4")
+    assert status == 200
+    assert [m["id"] for m in json.loads(body)] == [5, 6, 7]
+    # history keeps 5 messages: since=0 returns what it still holds
+    assert [m["id"] for m in json.loads(get(server, "/lp?channel=h1&since=0")[1])] == [3, 4, 5, 6, 7]
+    assert get(server, "/lp?channel=h1&since=7&timeout=0.2") == (204, b"")
+    assert get(server, "/lp?channel=empty&timeout=0") == (204, b"")
+
+
+async def test_long_poll_waits_for_the_next_message(server: ServerProcess) -> None:
+    poll = asyncio.create_task(asyncio.to_thread(get, server, "/lp?channel=h2&since=0&timeout=20"))
+    await wait_for_stat(server, lambda w: w["online"] >= 1)
+    await asyncio.to_thread(publish, server, "h2", "late")
+    status, body = await asyncio.wait_for(poll, 20)
+    assert status == 200 and json.loads(body) == [{"channel": "h2", "id": 1, "data": "late"}]
+
+
+def test_long_poll_keep_alive_loop(server: ServerProcess) -> None:
+    for i in range(3):
+        publish(server, "h3", str(i))
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    since, seen = 0, []
+    for _ in range(3):
+        conn.request("GET", f"/lp?channel=h3&since={since}&timeout=5")
+        resp = conn.getresponse()
+        messages = json.loads(resp.read())
+        seen += [m["data"] for m in messages]
+        since = messages[-1]["id"]
+        if since == 3:
+            break
+    conn.close()
+    assert seen == ["0", "1", "2"]
+
+
+def test_sse_honours_last_event_id(server: ServerProcess) -> None:
+    for i in range(3):
+        publish(server, "s1", f"e{i}")
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    conn.request("GET", "/sse?channel=s1", headers={"Last-Event-ID": "1"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+
+    def next_event() -> dict[str, Any]:
+        fields: dict[str, str] = {}
+        while True:
+            line = resp.fp.readline().decode().rstrip("\n")
+            if not line:
+                if "data" in fields:
+                    return {"id": int(fields["id"]), **json.loads(fields["data"])}
+                continue
+            key, _, value = line.partition(": ")
+            fields[key] = value
+
+    assert [next_event()["id"] for _ in range(2)] == [2, 3]
+    publish(server, "s1", "live")
+    event = next_event()
+    assert (event["id"], event["channel"], event["data"]) == (4, "s1", "live")
+    conn.close()
+
+
+def test_stats_and_healthz(server: ServerProcess) -> None:
+    status, body = get(server, "/stats")
+    stats = json.loads(body)
+    assert status == 200 and {"online", "uptime_s", "workers", "published"} <= stats.keys()
+    w = stats["workers"][0]
+    assert {"pid", "online", "events", "pcs", "connects", "messages", "closes"} <= w.keys()
+    assert get(server, "/healthz")[0] == 200
+    ws_status, _ = get(server, "/ws")
+    assert ws_status == 426
+
+
+async def wait_for_stat(server: ServerProcess, cond: Any, timeout_s: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        _, body = await asyncio.to_thread(get, server, "/stats")
+        if cond(json.loads(body)["workers"][0]):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition on /stats not reached")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /stats HTTP/1.1 extra\r\n\r\n", 400),
+        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET /stats HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /stats HTTP/1.1\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n", 431),
+        (b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+         + b"\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000, 413),
+        (b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+         + b"\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n" + b"x" * 5000 + b"\r\n0\r\n\r\n", 413),
+        (b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer wrong\r\nContent-Length: 1\r\n\r\nx", 401),
+        (b"POST /pub/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 401),
+        (b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+         + b"\r\nContent-Length: 2\r\n\r\n\xff\xfe", 400),
+        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n", 400),
+        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", 426),
+        (b"GET /lp?channel=a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
+    ],
+)
+def test_bad_http_input_gets_status_and_worker_keeps_serving(
+    server: ServerProcess, request_bytes: bytes, status: int
+) -> None:
+    answer = raw_exchange(server, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert json.loads(body)["error"]
+    assert_still_serving(server)
+
+
+def test_publish_with_token_over_http_client(server: ServerProcess) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        publish(server, "t1", "x", token=None)
+    assert info.value.code == 401
+    assert publish(server, "t1", "x") == 1
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [("this is not json", 1003), ('{"dance": "x"}', 1008), (b"\x00\x01", 1003)],
+)
+async def test_bad_frames_close_with_code_and_worker_keeps_serving(
+    server: ServerProcess, frame: str | bytes, code: int
+) -> None:
+    async with connect(f"{server.ws_url}/ws?channel=bf") as ws:
+        await ws.send(frame)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert info.value.rcvd is not None and info.value.rcvd.code == code
+    assert info.value.rcvd.reason
+    await asyncio.to_thread(assert_still_serving, server)
+    async with connect(f"{server.ws_url}/ws?channel=bf2") as ws:
+        await asyncio.to_thread(publish, server, "bf2", "ok")
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["data"] == "ok"
+
+
+async def test_ping_and_fragmented_message(server: ServerProcess) -> None:
+    async with connect(f"{server.ws_url}/ws") as ws:
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, 10)
+        await ws.send(iter(['{"subscribe"', ': "frag"}']))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"subscribed": "frag"}

@@ -1,0 +1,84 @@
+"""lab.report: the figures draw what lab.stats computed, for full, empty and compared runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+import pytest
+import runfolder
+
+from lab import report, stats
+from lab.stats import Tables
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Tables:
+    return stats.load_tables(runfolder.build(tmp_path_factory.mktemp("run") / "run"))
+
+
+def test_report_has_the_nine_sections(synthetic: Tables) -> None:
+    figures = report.report_figures(synthetic)
+    titles = [f.layout.title.text for f in figures]
+    assert titles == [
+        "Summary",
+        "Simultaneous connections",
+        "New connections per second",
+        "Server console per worker",
+        "CPU",
+        "Memory",
+        "Latency",
+        "Errors by reason",
+        "Environment",
+    ]
+    assert all(isinstance(f, go.Figure) and f.data for f in figures)
+
+
+def test_figures_draw_the_stats_numbers(synthetic: Tables) -> None:
+    summary = stats.summarize(synthetic, synthetic.run)
+    figures = {f.layout.title.text: f for f in report.report_figures(synthetic)}
+    table = figures["Summary"].data[0]
+    figure_column = list(table.cells.values[0])
+    achieved = list(table.cells.values[2])
+    assert achieved[figure_column.index("peak simultaneous connections")] == (
+        f"{summary['peak_connections']:,}"
+    )
+    conns = {t.name: t for t in figures["Simultaneous connections"].data}
+    assert set(conns) >= {*runfolder.AGENTS, "total", "server online"}
+    assert max(conns["total"].y) == stats.connections_frame(synthetic)["connections"].max()
+    rate = {t.name: t for t in figures["New connections per second"].data}
+    assert list(rate["achieved /s"].y) == list(stats.rate_frame(synthetic)["achieved"])
+    fit_names = [t.name for t in figures["Memory"].data if t.name and "KiB/conn" in t.name]
+    assert "server: 4.88 KiB/conn" in fit_names
+    errors = figures["Errors by reason"].data
+    assert [t.name for t in errors] == ["refused"]
+    assert sum(errors[0].y) == runfolder.REFUSED
+
+
+def test_figure_bundle_is_offline_html_plus_plotly_json(synthetic: Tables) -> None:
+    fig = report.report_figures(synthetic)[1]
+    bundle = report.figure_bundle(fig)
+    html = bundle["text/html"]
+    assert "Plotly.newPlot" in html
+    assert "<script src=" not in html  # plotly.js is put once per page by show_plotlyjs
+    assert "mathjax" not in html.lower()
+    json.dumps(bundle["application/vnd.plotly.v1+json"])
+
+
+def test_empty_run_still_draws_every_section(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"outcome": "failed", "reason": "test"}))
+    figures = report.report_figures(stats.load_tables(tmp_path))
+    assert len(figures) == 9
+    for fig in figures:
+        fig.to_json()
+
+
+def test_compare_overlays_each_run(tmp_path: Path) -> None:
+    runs = [stats.load_tables(runfolder.build(tmp_path / name)) for name in ("run-a", "run-b")]
+    figures = report.compare_figures(runs)
+    assert figures[0].layout.title.text == "Summary, ratios to the first run"
+    header = list(figures[0].data[0].header.values)
+    assert header == ["figure", "unit", "run-a", "run-b", "run-b ÷ first"]
+    connections = figures[1]
+    assert [t.name for t in connections.data] == ["run-a", "run-b"]
