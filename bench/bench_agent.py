@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +52,7 @@ def serve(host: str, port: int) -> None:
     class Conn(asyncio.Protocol):
         __slots__ = ("key", "parser", "tr", "up")
 
-        def connection_made(self, tr):  # type: ignore[no-untyped-def]
+        def connection_made(self, tr: Any) -> None:
             self.tr = tr
             self.parser = httptools.HttpRequestParser(self)
             self.key = b""
@@ -69,7 +71,7 @@ def serve(host: str, port: int) -> None:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
                 self.up = True
-                self.parser = None
+                self.parser = None  # type: ignore[assignment]
                 self.tr.write(
                     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
@@ -82,7 +84,7 @@ def serve(host: str, port: int) -> None:
             except httptools.HttpParserError:
                 self.tr.close()
 
-        def connection_lost(self, exc):  # type: ignore[no-untyped-def]
+        def connection_lost(self, exc: Any) -> None:
             if self.up:
                 state["online"] -= 1
             self.tr = None
@@ -95,12 +97,18 @@ def serve(host: str, port: int) -> None:
         print(json.dumps({"ready": server.sockets[0].getsockname()[1]}), flush=True)
         gc.freeze()
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
-            print(json.dumps({"t": time.time(), "online": state["online"], "upgrades": counts}), flush=True)
-        print(json.dumps({"t": time.time(), "online": state["online"], "upgrades": counts, "final": True}), flush=True)
+            print(
+                json.dumps({"t": time.time(), "online": state["online"], "upgrades": counts}),
+                flush=True,
+            )
+        print(
+            json.dumps(
+                {"t": time.time(), "online": state["online"], "upgrades": counts, "final": True}
+            ),
+            flush=True,
+        )
 
     uvloop.run(main())
 
@@ -136,34 +144,53 @@ def uss_of(pids: list[int]) -> int:
 
     total = 0
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += psutil.Process(pid).memory_full_info().uss
-        except psutil.Error:
-            pass
     return total
 
 
-def run_agent(port: int, rate: int, conns: int, hold: float, tmp: Path, *, procs: int = 1,
-              sample_at_hold: bool = True) -> dict:  # fmt: skip
+def run_agent(
+    port: int,
+    rate: int,
+    conns: int,
+    hold: float,
+    tmp: Path,
+    *,
+    procs: int = 1,
+    sample_at_hold: bool = True,
+) -> dict:
     """Run the agent; sample its processes' USS and CPU before the start and during the hold."""
     import psutil
 
     rec = tmp / f"bench-{rate}.rec"
-    cmd = [sys.executable, "-m", "lab.agent", "--url", f"ws://127.0.0.1:{port}/ws",
-           "--rate", str(rate), "--connections", str(conns), "--hold", str(hold),
-           "--procs", str(procs), "--records", str(rec), "--quiet", "--max-duration", "120"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lab.agent",
+        "--url",
+        f"ws://127.0.0.1:{port}/ws",
+        "--rate",
+        str(rate),
+        "--connections",
+        str(conns),
+        "--hold",
+        str(hold),
+        "--procs",
+        str(procs),
+        "--records",
+        str(rec),
+        "--quiet",
+        "--max-duration",
+        "120",
+    ]
     t_launch = time.time()
+    start_at = t_launch + 3.0  # the load processes are ready well before: sample them idle
+    cmd += ["--start-at", str(start_at)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     me = psutil.Process(p.pid)
-    # wait until the load processes exist and are idle (ready), then sample the baseline
-    deadline = time.time() + 30
-    kids: list[psutil.Process] = []
-    while time.time() < deadline:
-        kids = me.children()
-        if len(kids) == procs and all(k.cpu_times().user + k.cpu_times().system > 0.05 for k in kids):
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(max(0.0, start_at - 0.4 - time.time()))
+    kids = me.children()
+    assert len(kids) == procs, f"expected {procs} load processes, found {len(kids)}"
     base_uss = uss_of([k.pid for k in kids])
     base_cpu = sum(sum(k.cpu_times()[:2]) for k in kids)
     lines = []
@@ -173,24 +200,34 @@ def run_agent(port: int, rate: int, conns: int, hold: float, tmp: Path, *, procs
     for line in p.stdout:
         d = json.loads(line)
         lines.append(d)
-        if (sample_at_hold and not hold_sample and d["kind"] == "agent"
-                and d["elapsed_s"] >= ramp_s + 1.5 and d["open"] >= conns * 0.99):  # fmt: skip
-            try:
+        if (
+            sample_at_hold
+            and not hold_sample
+            and d["kind"] == "agent"
+            and d["elapsed_s"] >= ramp_s + 1.0
+            and d["open"] >= conns * 0.99
+        ):
+            with contextlib.suppress(psutil.Error):
                 hold_sample = {
                     "open": d["open"],
                     "proc_uss": uss_of([k.pid for k in kids]),
                     "total_uss": uss_of([k.pid for k in kids] + [p.pid]),
                     "cpu": sum(sum(k.cpu_times()[:2]) for k in kids),
                 }
-            except psutil.Error:
-                pass
     rc = p.wait()
     from lab.agent.records import read_records
 
     r = read_records(rec)
     rec.unlink(missing_ok=True)
-    return {"rc": rc, "lines": lines, "records": r, "base_uss": base_uss, "base_cpu": base_cpu,
-            "hold": hold_sample, "t_launch": t_launch}  # fmt: skip
+    return {
+        "rc": rc,
+        "lines": lines,
+        "records": r,
+        "base_uss": base_uss,
+        "base_cpu": base_cpu,
+        "hold": hold_sample,
+        "t_launch": t_launch,
+    }
 
 
 def whole_seconds(times: list[float], start: float, ramp_s: float) -> list[int]:
@@ -210,7 +247,7 @@ def check(name: str, ok: bool, figure: str) -> bool:
 
 def bench(quick: bool) -> int:
     results = []
-    rate, conns, hold = (500, 1500, 2.0) if quick else (2500, 15000, 4.0)
+    rate, conns, hold = (500, 1500, 3.0) if quick else (2500, 15000, 4.0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         srv = Server()
@@ -229,27 +266,75 @@ def bench(quick: bool) -> int:
         hs = res["hold"]
         lines = res["lines"]
         kinds = [x["kind"] for x in lines]
-        ramp_cpu_us = (hs.get("cpu", res["base_cpu"]) - res["base_cpu"]) / conns * 1e6 if hs else float("nan")
+        ramp_cpu_us = (
+            (hs.get("cpu", res["base_cpu"]) - res["base_cpu"]) / conns * 1e6 if hs else float("nan")
+        )
         per_conn_uss = (hs["proc_uss"] - res["base_uss"]) / hs["open"] if hs else float("nan")
         total_uss = hs["total_uss"] / hs["open"] if hs else float("nan")
         print(f"Must show ({conns} connections at {rate}/s against an independent minimal server):")
-        results.append(check("all held", held == conns and (hs.get("open") == conns), f"{held}/{conns} ok, {hs.get('open')} open in the hold"))
-        results.append(check("every whole ramp second as counted by the SERVER within ±5%",
-                             bool(full) and all(abs(c - rate) <= 0.05 * rate for c in full),
-                             f"{full} (calendar seconds fully inside the ramp; edges {server_counts[0]}, {server_counts[-1]})"))  # fmt: skip
-        results.append(check("agent total USS per held connection <= 5 KiB (interpreter included)",
-                             total_uss <= 5 * 1024, f"{total_uss / 1024:.2f} KiB"))  # fmt: skip
-        results.append(check("JSON lines on stdout", len(kinds) >= 3 and kinds[-1] == "agent_end", f"{len(kinds)} lines, last {kinds[-1] if kinds else None}"))
-        results.append(check("exit 0", res["rc"] == 0, f"exit {res['rc']}, outcome {lines[-1].get('outcome') if lines else None}"))
+        results.append(
+            check(
+                "all held",
+                held == conns and (hs.get("open") == conns),
+                f"{held}/{conns} ok, {hs.get('open')} open in the hold",
+            )
+        )
+        results.append(
+            check(
+                "every whole ramp second as counted by the SERVER within ±5%",
+                bool(full) and all(abs(c - rate) <= 0.05 * rate for c in full),
+                f"{full} (calendar seconds fully inside the ramp; "
+                f"edges {server_counts[0]}, {server_counts[-1]})",
+            )
+        )
+        results.append(
+            check(
+                "agent total USS per held connection <= 5 KiB (interpreter included)",
+                total_uss <= 5 * 1024,
+                f"{total_uss / 1024:.2f} KiB",
+            )
+        )
+        results.append(
+            check(
+                "JSON lines on stdout",
+                len(kinds) >= 3 and kinds[-1] == "agent_end",
+                f"{len(kinds)} lines, last {kinds[-1] if kinds else None}",
+            )
+        )
+        results.append(
+            check(
+                "exit 0",
+                res["rc"] == 0,
+                f"exit {res['rc']}, outcome {lines[-1].get('outcome') if lines else None}",
+            )
+        )
         print("Targets:")
-        results.append(check("agent USS per held idle WS connection <= 2.5 KiB (load process, delta)",
-                             per_conn_uss <= 2.5 * 1024, f"{per_conn_uss / 1024:.2f} KiB"))  # fmt: skip
-        results.append(check("agent CPU per new connection <= 100 µs", ramp_cpu_us <= 100, f"{ramp_cpu_us:.0f} µs (load process CPU from ready to the hold / connections)"))
-        results.append(check(f"every whole ramp second within ±2% of {rate} (agent started)",
-                             all(abs(c - rate) <= 0.02 * rate for c in agent_counts), f"{agent_counts}"))  # fmt: skip
+        results.append(
+            check(
+                "agent USS per held idle WS connection <= 2.5 KiB (load process, delta)",
+                per_conn_uss <= 2.5 * 1024,
+                f"{per_conn_uss / 1024:.2f} KiB",
+            )
+        )
+        results.append(
+            check(
+                "agent CPU per new connection <= 100 µs",
+                ramp_cpu_us <= 100,
+                f"{ramp_cpu_us:.0f} µs (load process CPU from ready to the hold / connections)",
+            )
+        )
+        results.append(
+            check(
+                f"every whole ramp second within ±2% of {rate} (agent started)",
+                all(abs(c - rate) <= 0.02 * rate for c in agent_counts),
+                f"{agent_counts}",
+            )
+        )
         lag = max(x["lag_ms"] for x in lines)
-        print(f"  (max schedule lag {lag:.1f} ms; connect p99 by second: "
-              f"{[round(_p99(x), 1) for x in lines if x['connect_hist']['buckets']]} ms)")  # fmt: skip
+        print(
+            f"  (max schedule lag {lag:.1f} ms; connect p99 by second: "
+            f"{[round(_p99(x), 1) for x in lines if x['connect_hist']['buckets']]} ms)"
+        )
 
         rate2, conns2 = (2000, 2000) if quick else (8000, 16000)
         srv = Server()
@@ -261,12 +346,19 @@ def bench(quick: bool) -> int:
         span = (conn_times[-1] - start2) if conn_times else float("inf")
         achieved = len(conn_times) / span if span > 0 else 0.0
         per_sec = whole_seconds(r2["connected"], start2, conns2 / rate2)
-        srv_full = [s2["upgrades"].get(str(sec), 0) for sec in range(int(start2) + 1, int(start2 + conns2 / rate2))]
-        results.append(check(f"one load process >= {rate2} new WS connections/s",
-                             achieved >= rate2 * 0.98 and len(conn_times) == conns2,
-                             f"{achieved:.0f}/s ({len(conn_times)}/{conns2} connected by {span:.2f}s; "
-                             f"agent per second {per_sec}, server {srv_full}; max lag "
-                             f"{max(x['lag_ms'] for x in res2['lines']):.1f} ms)"))  # fmt: skip
+        srv_full = [
+            s2["upgrades"].get(str(sec), 0)
+            for sec in range(int(start2) + 1, int(start2 + conns2 / rate2))
+        ]
+        results.append(
+            check(
+                f"one load process >= {rate2} new WS connections/s",
+                achieved >= rate2 * 0.98 and len(conn_times) == conns2,
+                f"{achieved:.0f}/s ({len(conn_times)}/{conns2} connected by {span:.2f}s; "
+                f"agent per second {per_sec}, server {srv_full}; max lag "
+                f"{max(x['lag_ms'] for x in res2['lines']):.1f} ms)",
+            )
+        )
     print(f"{sum(results)}/{len(results)} checks passed")
     return 0 if all(results) else 1
 

@@ -33,8 +33,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lab.comet.launch import ServerProcess  # noqa: E402
-from lab.limits import raise_nofile_soft_limit  # noqa: E402
+from lab.comet.launch import ServerProcess
+from lab.limits import raise_nofile_soft_limit
 
 PER_CLIENT_PROC = 12_000
 PER_SOURCE_IP = 25_000
@@ -204,12 +204,14 @@ def uss(pids: list[int]) -> int:
     return sum(psutil.Process(p).memory_full_info().uss for p in pids)
 
 
-def cpu_s(pids: list[int]) -> float:
-    total = 0.0
+def cpu_s(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the processes."""
+    user = system = 0.0
     for p in pids:
         t = psutil.Process(p).cpu_times()
-        total += t.user + t.system
-    return total
+        user += t.user
+        system += t.system
+    return user, system
 
 
 def wait_online(server: ServerProcess, n: int, timeout_s: float = 30.0) -> int:
@@ -231,21 +233,26 @@ def bench_accept(n: int, window: int) -> dict[str, float]:
         pool = ClientPool(1)
         try:
             # warm up: the first connections pay for imports and allocator growth
-            pool.all("connect", lambda i: (500, server.host, server.port, "/ws?channel=a", [], window))
+            pool.all(
+                "connect", lambda i: (500, server.host, server.port, "/ws?channel=a", [], window)
+            )
             pool.all("close", lambda i: ())
             pool = ClientPool(1)
             cpu0 = cpu_s(pids)
             ok, failed, elapsed = pool.all(
                 "connect", lambda i: (n, server.host, server.port, "/ws?channel=a", [], window)
             )[0]
-            cpu = cpu_s(pids) - cpu0
+            cpu1 = cpu_s(pids)
         finally:
             pool.close()
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
         "accept_connections": ok,
         "accept_failed": failed,
         "accept_rate_per_s": ok / elapsed,
-        "accept_cpu_us_per_conn": cpu / max(ok, 1) * 1e6,
+        "accept_cpu_us_per_conn": (user + system) / max(ok, 1) * 1e6,
+        "accept_user_us_per_conn": user / max(ok, 1) * 1e6,
+        "accept_system_us_per_conn": system / max(ok, 1) * 1e6,
     }
 
 
@@ -267,7 +274,14 @@ def bench_memory_broadcast(
             t0 = time.monotonic()
             results = pool.all(
                 "connect",
-                lambda i: (shares[i], server.host, server.port, "/ws?channel=bench", sources, window),
+                lambda i: (
+                    shares[i],
+                    server.host,
+                    server.port,
+                    "/ws?channel=bench",
+                    sources,
+                    window,
+                ),
             )
             connect_s = time.monotonic() - t0
             ok = sum(r[0] for r in results)
@@ -314,14 +328,26 @@ def bench_memory_broadcast(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--connections", "-n", type=int, default=15_000, help="idle WebSockets (default 15000)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--connections", "-n", type=int, default=15_000, help="idle WebSockets (default 15000)"
+    )
     p.add_argument("--workers", "-w", type=int, default=2, help="server workers (default 2)")
-    p.add_argument("--accept-connections", type=int, default=10_000,
-                   help="connections for the one-worker accept test (default 10000; 0 = skip)")
+    p.add_argument(
+        "--accept-connections",
+        type=int,
+        default=10_000,
+        help="connections for the one-worker accept test (default 10000; 0 = skip)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="broadcast rounds (default 5)")
-    p.add_argument("--payload-bytes", type=int, default=64, help="broadcast message size (default 64)")
-    p.add_argument("--window", type=int, default=256, help="handshakes in flight per client process")
+    p.add_argument(
+        "--payload-bytes", type=int, default=64, help="broadcast message size (default 64)"
+    )
+    p.add_argument(
+        "--window", type=int, default=256, help="handshakes in flight per client process"
+    )
     args = p.parse_args(argv)
     raise_nofile_soft_limit()
     out: dict[str, Any] = {}
@@ -331,23 +357,29 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"accept+upgrade, 1 worker: {acc['accept_connections']} connections at "
             f"{acc['accept_rate_per_s']:.0f}/s, server CPU {acc['accept_cpu_us_per_conn']:.1f} us "
-            f"per connection ({acc['accept_failed']} failed)   [targets >= 7000/s, <= 100 us]",
+            f"per connection (user {acc['accept_user_us_per_conn']:.1f}, system "
+            f"{acc['accept_system_us_per_conn']:.1f}; {acc['accept_failed']} failed)"
+            "   [targets >= 7000/s, <= 100 us]",
             flush=True,
         )
-    mem = bench_memory_broadcast(args.connections, args.workers, args.rounds, args.payload_bytes, args.window)
+    mem = bench_memory_broadcast(
+        args.connections, args.workers, args.rounds, args.payload_bytes, args.window
+    )
     out.update(mem)
     print(
         f"memory, {mem['workers']} workers, {mem['connections']} idle WebSockets "
         f"({mem['connect_failed']} failed, connected at {mem['connect_rate_per_s']:.0f}/s): "
         f"{mem['uss_per_conn_bytes'] / 1024:.2f} KiB summed worker USS per connection "
         f"(idle server {mem['uss_idle_server_bytes'] / 2**20:.1f} MiB, at N "
-        f"{mem['uss_at_n_bytes'] / 2**20:.1f} MiB = {mem['uss_total_per_conn_bytes'] / 1024:.2f} KiB "
+        f"{mem['uss_at_n_bytes'] / 2**20:.1f} MiB = "
+        f"{mem['uss_total_per_conn_bytes'] / 1024:.2f} KiB "
         f"per connection with the baseline)   [target <= 4.0 KiB]",
         flush=True,
     )
     print(
-        f"broadcast to all {mem['connections']} subscribers: median {mem['broadcast_all_ms']:.1f} ms "
-        f"(p50 arrival {mem['broadcast_p50_ms']:.1f} ms, worst round {mem['broadcast_worst_ms']:.1f} ms, "
+        f"broadcast to all {mem['connections']} subscribers: "
+        f"median {mem['broadcast_all_ms']:.1f} ms (p50 arrival {mem['broadcast_p50_ms']:.1f} ms, "
+        f"worst round {mem['broadcast_worst_ms']:.1f} ms, "
         f"min delivered {mem['broadcast_delivered_min']})   [target <= 200 ms at 15000]",
         flush=True,
     )

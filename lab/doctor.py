@@ -91,7 +91,9 @@ def check_host(facts: Mapping[str, Any], host: str | None = None) -> list[Findin
         out.append(Finding(name, check, level, value, message, fix))
 
     if facts.get("error"):
-        add("reachable", Level.FAIL, "no", str(facts["error"]), "check address, user and key")
+        error = str(facts["error"])
+        fix = "" if "fix" in error.lower() else "check address, port, user and key"
+        add("reachable", Level.FAIL, "no", error, fix)
         return out
     py = str(facts.get("python") or "")
     try:
@@ -213,11 +215,9 @@ def gather_facts(exp: Any | None) -> dict[str, dict[str, Any]]:
         facts["local"] = {**collect_host_metadata(), "clock_offset_s": 0.0}
     if remote:
         try:
-            import asyncio
+            from lab.ssh import gather_facts_sync
 
-            from lab.ssh import gather_all
-
-            facts.update(asyncio.run(gather_all(remote)))
+            facts.update(gather_facts_sync(remote))
         except ImportError as exc:
             for h in remote:
                 facts[h.name] = {"error": f"cannot reach over SSH ({exc})"}

@@ -192,6 +192,8 @@ class Engine:
             await self._start(launch)
         for launch in plan.stage(Role.SERVER):
             self.progress.stage(f"starting server on {launch.host}")
+            if launch.health_url:
+                await self._port_is_free(launch)
             server = await self._start(launch)
             if launch.health_url:
                 await self._race(self._wait_healthy(server), [server], "server start")
@@ -202,6 +204,7 @@ class Engine:
             host_start = start_at + self.offsets.get(launch.host, 0.0)
             extra = [] if "--start-at" in launch.argv else ["--start-at", f"{host_start:.3f}"]
             agents.append(await self._start(launch, extra))
+        self.folder.write_run_json(self.record)
         self.progress.stage(f"agents start in {plan.start_delay_s:g} s")
         deadline = start_at + plan.max_duration_s + FINISH_SLACK_S
         watched = [r for r in self.roles if r.launch.role is Role.SERVER]
@@ -371,6 +374,20 @@ class Engine:
                 f"{await self._stderr_tail(server)}"
             )
         self.progress.stage(f"server healthy at {url}")
+
+    async def _port_is_free(self, launch: RoleLaunch) -> None:
+        """Fail before starting when something already answers at the server's health URL
+        (SO_REUSEPORT would let a server left from another run silently share the port)."""
+        q = shlex.quote
+        python = self.deployments[launch.host].python
+        cmd = f"{q(python)} -c {q(HEALTH_SCRIPT)} {q(launch.health_url or '')} 0.5"
+        result = await self.conns[launch.host].run(cmd, check=False, timeout_s=30)
+        if result.exit_status == 0:
+            raise RunFailed(
+                f"something already answers at {launch.health_url} on host {launch.host!r} "
+                "before the server started (a server left by another run?): stop it "
+                "(`pgrep -af lab.comet`) or choose another port (-p server.port=N)"
+            )
 
     async def _agents_done(self, agents: Sequence[RoleProcess]) -> None:
         for agent in agents:

@@ -1,11 +1,12 @@
 """Experiments and inventories: YAML files validated once, at load, into frozen dataclasses.
 
 An experiment says what to run (server, agents, session, arrival phases, publishing, monitor,
-thresholds); an inventory says where (hosts reached over SSH). ``load_experiment(path,
-overrides)`` reads, applies ``-p key=value`` overrides (dotted keys: ``phases.0.rate_per_s=100``),
-validates every key, type and range, and returns an ``Experiment``; a problem raises
-``ExperimentError`` naming the file, the key and the fix. Hand the result to
-``lab.plan.make_plan``. ``experiments/template.yaml`` documents every key.
+thresholds); an inventory says where (hosts reached over SSH: ``lab.inventory``, re-exported
+here with ``HostSpec`` and ``LOCAL``; the validating reader is ``lab.validation``).
+``load_experiment(path, overrides)`` reads, applies ``-p key=value`` overrides (dotted keys:
+``phases.0.rate_per_s=100``), validates every key, type and range, and returns an
+``Experiment``; a problem raises ``ExperimentError`` naming the file, the key and the fix.
+Hand the result to ``lab.plan.make_plan``. ``experiments/template.yaml`` documents every key.
 """
 
 from __future__ import annotations
@@ -13,14 +14,34 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOCAL_HOST = "local"
+from lab.inventory import LOCAL, LOCAL_HOST, HostSpec, hosts_from_data, load_inventory
+from lab.validation import (
+    ExperimentError,
+    Section,
+    apply_overrides,
+    expand_addresses,
+    kind_of,
+    parse_overrides,
+    read_yaml,
+)
+
+__all__ = [
+    "LOCAL",
+    "LOCAL_HOST",
+    "ExperimentError",
+    "HostSpec",
+    "expand_addresses",
+    "load_experiment",
+    "load_inventory",
+    "parse_overrides",
+]
+
 DEFAULT_PORT = 18080
 
 # The summary fields of results/README.md that thresholds may test.
@@ -41,16 +62,26 @@ SUMMARY_FIELDS = (
     "messages_lost",
     "agent_saturated",
 )
+# More summary fields lab.stats computes (results/README.md "Summary fields"); thresholds
+# may test these too.
+MORE_SUMMARY_FIELDS = (
+    "planned_connections",
+    "planned_peak_connections",
+    "planned_rate_per_s",
+    "planned_hold_s",
+    "ramp_rate_planned_per_s",
+    "ramp_s",
+    "ramp_whole_seconds",
+    "schedule_lag_ms_max",
+    "hold_s",
+    "messages_received",
+    *(
+        f"{r}_{m}"
+        for r in ("server", "agent", "monitor")
+        for m in ("cpu_us_per_conn", "cpu_percent_mean", "cpu_percent_max")
+    ),
+)
 THRESHOLD_OPS = (">=", "<=", "==", "!=", ">", "<")
-
-
-class ExperimentError(ValueError):
-    """A problem in an experiment or inventory file: names the file, the key and the fix."""
-
-    def __init__(self, file: str, key: str, problem: str, fix: str = "") -> None:
-        self.file, self.key, self.problem, self.fix = file, key, problem, fix
-        where = f"{file}: {key}" if key else file
-        super().__init__(f"{where}: {problem}" + (f" — fix: {fix}" if fix else ""))
 
 
 class ServerKind(enum.Enum):
@@ -83,25 +114,6 @@ class PhaseKind(enum.Enum):
     RATE = "rate"
     HOLD = "hold"
     CLOSE = "close"
-
-
-@dataclass(frozen=True, slots=True)
-class HostSpec:
-    """One inventory entry: a host reached over SSH (``embedded``: the in-process server)."""
-
-    name: str
-    address: str = "127.0.0.1"
-    port: int = 22
-    user: str | None = None
-    key_file: str | None = None
-    python: str = "python3"
-    workdir: str = "~/.comet-lab"
-    known_hosts: str | None = None
-    insecure_skip_host_key_check: bool = False
-    embedded: bool = False
-
-
-LOCAL = HostSpec(name=LOCAL_HOST, embedded=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,276 +305,7 @@ def estimated_duration_s(phases: tuple[Phase, ...]) -> float:
     return total
 
 
-# --------------------------------------------------------------------------- reading
-
-
-class _Section:
-    """A mapping being validated: pops known keys, then reports unknown ones."""
-
-    def __init__(self, file: str, key: str, data: Any) -> None:
-        self.file, self.key = file, key
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ExperimentError(
-                file, key or "(top level)", f"expected a mapping, got {_kind(data)}"
-            )
-        self.data = dict(data)
-
-    def path(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
-
-    def err(self, name: str, problem: str, fix: str = "") -> ExperimentError:
-        return ExperimentError(self.file, self.path(name), problem, fix)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        return self.data.pop(name, default)
-
-    def str_(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
-        if name not in self.data:
-            if required:
-                raise self.err(name, "is required", f"add `{name}: <text>`")
-            return default
-        v = self.data.pop(name)
-        if v is None and not required:
-            return default
-        if not isinstance(v, str) or (required and not v):
-            raise self.err(name, f"expected text, got {_kind(v)}", f"write `{name}: <text>`")
-        return v
-
-    def num(
-        self,
-        name: str,
-        default: float | None = None,
-        *,
-        lo: float | None = None,
-        hi: float | None = None,
-        integer: bool = False,
-        required: bool = False,
-        above: float | None = None,
-    ) -> Any:
-        if name not in self.data or self.data[name] is None:
-            self.data.pop(name, None)
-            if required:
-                raise self.err(name, "is required", f"add `{name}: <number>`")
-            return default
-        v = self.data.pop(name)
-        want = "a whole number" if integer else "a number"
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise self.err(name, f"expected {want}, got {_kind(v)}", f"write `{name}: 100`")
-        if integer and isinstance(v, float):
-            if not v.is_integer():
-                raise self.err(name, f"expected {want}, got {v}", f"write `{name}: {round(v)}`")
-            v = int(v)
-        if math.isnan(v) or math.isinf(v):
-            raise self.err(name, f"expected a finite number, got {v}")
-        if lo is not None and v < lo:
-            raise self.err(name, f"{v} is below the minimum {lo:g}", f"use a value >= {lo:g}")
-        if above is not None and v <= above:
-            raise self.err(name, f"{v} must be greater than {above:g}", f"use a value > {above:g}")
-        if hi is not None and v > hi:
-            raise self.err(name, f"{v} is above the maximum {hi:g}", f"use a value <= {hi:g}")
-        return v
-
-    def bool_(self, name: str, default: bool) -> bool:
-        if name not in self.data:
-            return default
-        v = self.data.pop(name)
-        if not isinstance(v, bool):
-            raise self.err(name, f"expected true or false, got {_kind(v)}")
-        return v
-
-    def enum_(self, name: str, cls: type[enum.Enum], default: Any) -> Any:
-        if name not in self.data:
-            return default
-        v = self.data.pop(name)
-        choices = [m.value for m in cls]
-        if v not in choices:
-            close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise self.err(
-                name, f"unknown value {v!r}", f"{hint}use one of: {', '.join(map(str, choices))}"
-            )
-        return cls(v)
-
-    def auto_int(self, name: str, *, lo: int = 1, hi: int | None = None) -> int | None:
-        if self.data.get(name, "auto") in ("auto", None):
-            self.data.pop(name, None)
-            return None
-        return int(self.num(name, lo=lo, hi=hi, integer=True))
-
-    def str_list(self, name: str) -> tuple[str, ...] | None:
-        if name not in self.data:
-            return None
-        v = self.data.pop(name)
-        if isinstance(v, str):
-            return tuple(x.strip() for x in v.split(",") if x.strip())
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise self.err(name, f"expected a list of text, got {_kind(v)}", f"`{name}: [a, b]`")
-        return tuple(v)
-
-    def done(self, known: tuple[str, ...]) -> None:
-        """Raise for the first key that is not ``known`` (with the closest known key)."""
-        for extra in self.data:
-            if extra in known:
-                continue
-            close = difflib.get_close_matches(str(extra), known, n=1, cutoff=0.5)
-            fix = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
-            raise self.err(str(extra), "unknown key", fix)
-
-
-def _kind(v: Any) -> str:
-    if v is None:
-        return "nothing"
-    if isinstance(v, bool):
-        return f"a boolean ({v})"
-    return f"{type(v).__name__} {v!r}"[:80]
-
-
-def expand_addresses(text: str, file: str = "", key: str = "") -> tuple[str, ...]:
-    """Expand "127.0.0.2-9", "127.0.0.2-127.0.0.9" or "a,b,c" into addresses."""
-    out: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                first, last = part.split("-", 1)
-                a = ipaddress.IPv4Address(first)
-                if "." not in last:
-                    last = first.rsplit(".", 1)[0] + "." + last
-                b = ipaddress.IPv4Address(last)
-                if b < a or int(b) - int(a) > 65535:
-                    raise ValueError(f"bad range {part}")
-                out.extend(str(ipaddress.IPv4Address(i)) for i in range(int(a), int(b) + 1))
-            else:
-                out.append(str(ipaddress.ip_address(part)))
-        except ValueError as exc:
-            raise ExperimentError(
-                file, key, f"not an address or range: {part!r} ({exc})", "e.g. 127.0.0.2-9"
-            ) from None
-    return tuple(out)
-
-
-def _read_yaml(path: Path, what: str) -> Any:
-    import yaml
-
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ExperimentError(str(path), "", f"{what} file not found", "check the path") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ExperimentError(str(path), "", f"not valid YAML: {exc}", "fix the syntax") from None
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``["a.b=1", ...]`` (the ``-p`` flags) → ``{"a.b": "1"}``; raises ExperimentError."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ExperimentError("-p", item, "expected KEY=VALUE", "e.g. -p agents.procs=4")
-        out[key.strip()] = value
-    return out
-
-
-def apply_overrides(data: Any, overrides: Mapping[str, str], file: str) -> Any:
-    """Set dotted keys in the raw YAML data; values are parsed as YAML (``100``, ``[a, b]``)."""
-    import yaml
-
-    for dotted, text in overrides.items():
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        parts = dotted.split(".")
-        node = data
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            where = ".".join(parts[: i + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ExperimentError(
-                        file,
-                        f"-p {dotted}",
-                        f"{where}: no list item {part!r} (the list has {len(node)})",
-                        f"use an index 0..{len(node) - 1}",
-                    )
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if node.get(part) is None:
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise ExperimentError(
-                    file, f"-p {dotted}", f"{'.'.join(parts[:i])} is not a mapping or a list"
-                )
-    return data
-
-
 # --------------------------------------------------------------------------- sections
-
-HOST_KEYS = tuple(f.name for f in dataclasses.fields(HostSpec))
-
-
-def _host(file: str, key: str, raw: Any) -> HostSpec:
-    s = _Section(file, key, raw)
-    name = s.str_("name", required=True)
-    embedded = s.bool_("embedded", name == LOCAL_HOST and "address" not in s.data)
-    spec = HostSpec(
-        name=name,
-        address=s.str_("address", "127.0.0.1"),
-        port=int(s.num("port", 22, lo=1, hi=65535, integer=True)),
-        user=s.str_("user"),
-        key_file=s.str_("key_file"),
-        python=s.str_("python", "python3"),
-        workdir=s.str_("workdir", "~/.comet-lab"),
-        known_hosts=s.str_("known_hosts"),
-        insecure_skip_host_key_check=s.bool_("insecure_skip_host_key_check", False),
-        embedded=embedded,
-    )
-    for secret in ("password", "passphrase"):
-        if secret in s.data:
-            raise s.err(secret, "secrets do not belong in inventory files", "use an SSH key/agent")
-    s.done(HOST_KEYS)
-    return spec
-
-
-def _hosts_list(file: str, key: str, raw: Any) -> tuple[HostSpec, ...]:
-    if isinstance(raw, Mapping) and "hosts" in raw:
-        s = _Section(file, "", raw)
-        items = s.raw("hosts")
-        s.done(("hosts",))
-        raw = items
-    if not isinstance(raw, list) or not raw:
-        raise ExperimentError(file, key or "hosts", "expected a non-empty list of hosts")
-    hosts = tuple(_host(file, f"{key + '.' if key else ''}{i}", h) for i, h in enumerate(raw))
-    seen: set[str] = set()
-    for i, h in enumerate(hosts):
-        if h.name in seen:
-            raise ExperimentError(file, f"{key}.{i}.name", f"duplicate host {h.name!r}")
-        seen.add(h.name)
-    return hosts
-
-
-def load_inventory(path: str | Path) -> tuple[HostSpec, ...]:
-    """Read an inventory file (``hosts: [{name, address, ...}]`` or a bare list)."""
-    p = Path(path)
-    return _hosts_list(str(p), "hosts", _read_yaml(p, "inventory"))
 
 
 def _resolve_relative(base: Path, ref: str) -> Path:
@@ -576,7 +319,7 @@ def _resolve_relative(base: Path, ref: str) -> Path:
 
 
 def _server(file: str, raw: Any, host_names: tuple[str, ...]) -> ServerSpec:
-    s = _Section(file, "server", raw)
+    s = Section(file, "server", raw)
     kind = s.enum_("kind", ServerKind, ServerKind.LAB_COMET)
     if True in s.data:  # YAML 1.1 reads a bare `on:` key as true
         raise s.err("on", "unknown key", "did you mean `on_host`?")
@@ -610,7 +353,7 @@ def _server(file: str, raw: Any, host_names: tuple[str, ...]) -> ServerSpec:
 
 
 def _agents(file: str, raw: Any, host_names: tuple[str, ...]) -> AgentsSpec:
-    s = _Section(file, "agents", raw)
+    s = Section(file, "agents", raw)
     hosts = s.str_list("hosts") or ()
     for i, h in enumerate(hosts):
         if h not in host_names:
@@ -637,7 +380,7 @@ def _agents(file: str, raw: Any, host_names: tuple[str, ...]) -> AgentsSpec:
 
 
 def _session(file: str, raw: Any) -> SessionSpec:
-    s = _Section(file, "session", raw)
+    s = Section(file, "session", raw)
     kind = s.enum_("kind", SessionKind, SessionKind.WEBSOCKET)
     single = s.str_("channel")
     many = s.str_list("channels") or ()
@@ -657,7 +400,7 @@ PHASE_FORMS = (
 
 
 def _phase(file: str, key: str, raw: Any) -> Phase:
-    s = _Section(file, key, raw)
+    s = Section(file, key, raw)
     keys = set(s.data)
     if keys == {"rate_per_s", "until_connections"}:
         return Phase(
@@ -712,7 +455,7 @@ def _phases(file: str, raw: Any) -> tuple[Phase, ...]:
 def _publishing(file: str, raw: Any, channels: tuple[str, ...]) -> PublishingSpec | None:
     if raw is None:
         return None
-    s = _Section(file, "publishing", raw)
+    s = Section(file, "publishing", raw)
     channel = s.str_("channel", channels[0] if channels else "")
     if not channel:
         raise s.err(
@@ -730,7 +473,7 @@ def _publishing(file: str, raw: Any, channels: tuple[str, ...]) -> PublishingSpe
 
 
 def _monitor(file: str, raw: Any) -> MonitorSpec:
-    s = _Section(file, "monitor", raw)
+    s = Section(file, "monitor", raw)
     interval = s.num("interval_s", 1.0, lo=0.05, hi=60)
     match = s.str_list("match") or ()
     for i, m in enumerate(match):
@@ -748,10 +491,11 @@ def _threshold(file: str, key: str, raw: Any) -> Threshold:
         import yaml
 
         raw = {"metric": parts[0], "op": parts[1], "value": yaml.safe_load(parts[2])}
-    s = _Section(file, key, raw)
+    s = Section(file, key, raw)
     metric = s.str_("metric", required=True)
-    if metric not in SUMMARY_FIELDS:
-        close = difflib.get_close_matches(metric, SUMMARY_FIELDS, n=1)
+    known = SUMMARY_FIELDS + MORE_SUMMARY_FIELDS
+    if metric not in known:
+        close = difflib.get_close_matches(metric, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise s.err("metric", f"unknown summary field {metric!r}", f"{hint}see results/README.md")
     op = s.str_("op", required=True)
@@ -759,7 +503,7 @@ def _threshold(file: str, key: str, raw: Any) -> Threshold:
         raise s.err("op", f"unknown operator {op!r}", f"use one of: {' '.join(THRESHOLD_OPS)}")
     value = s.raw("value")
     if not isinstance(value, int | float):
-        raise s.err("value", f"expected a number or boolean, got {_kind(value)}")
+        raise s.err("value", f"expected a number or boolean, got {kind_of(value)}")
     s.done(("metric", "op", "value"))
     return Threshold(metric, op, value)
 
@@ -784,7 +528,7 @@ def experiment_from_dict(
     data: Any, file: str, *, hosts: tuple[HostSpec, ...] | None = None
 ) -> Experiment:
     """Validate raw experiment data (after overrides) into an Experiment."""
-    s = _Section(file, "", data)
+    s = Section(file, "", data)
     name = s.str_("name", Path(file).stem or "experiment")
     if not name.replace("-", "").replace("_", "").isalnum():
         raise s.err("name", f"{name!r} must be letters, digits, - and _", "it names the run folder")
@@ -796,7 +540,7 @@ def experiment_from_dict(
         elif isinstance(raw_hosts, str):
             hosts = load_inventory(_resolve_relative(Path(file), raw_hosts))
         else:
-            hosts = _hosts_list(file, "hosts", raw_hosts)
+            hosts = hosts_from_data(file, "hosts", raw_hosts)
     names = tuple(h.name for h in hosts)
     server = _server(file, s.raw("server"), names)
     agents = _agents(file, s.raw("agents"), names)
@@ -804,7 +548,7 @@ def experiment_from_dict(
     if "phases" not in s.data:
         raise s.err("phases", "is required", f"add a list of: {' | '.join(PHASE_FORMS)}")
     phases = _phases(file, s.raw("phases"))
-    a = _Section(file, "arrival", s.raw("arrival"))
+    a = Section(file, "arrival", s.raw("arrival"))
     arrival = ArrivalSpec(
         a.enum_("kind", ArrivalKind, ArrivalKind.UNIFORM),
         int(a.num("seed", 1, lo=0, integer=True)),
@@ -863,7 +607,7 @@ def load_experiment(
     """Read, override (dotted keys), and validate an experiment; ``inventory`` replaces its
     hosts. Raises ExperimentError naming the file, the key and the fix."""
     p = Path(path)
-    data = _read_yaml(p, "experiment")
+    data = read_yaml(p, "experiment")
     if data is None:
         data = {}
     if overrides:

@@ -4,7 +4,9 @@
 writes one JSON line per interval (``{"kind": "monitor", ...}``, results/README.md) to stdout
 and to ``--out``: CPU per core, memory, ``/proc/net/sockstat``, TCP slab memory (root only),
 and per process of each role CPU %, RSS, USS, open files, threads, plus its own CPU
-(``self_cpu_percent``: it must stay below 1 % of a core).
+(``self_cpu_percent``: it must stay below 1 % of a core). Started by the controller, it
+watches only the processes of its run (``COMET_LAB_RUN_ID`` in their environment, which
+``lab.launch`` sets), so other runs on a shared host do not leak into the figures.
 
 Cost control: processes are discovered incrementally (only new pids are read, children of a
 role process inherit its role) and the cheap figures are read every interval. Open files come
@@ -35,6 +37,7 @@ import psutil
 
 HEAVY_BUDGET = 0.003  # fraction of a core the USS pass may use (the rest stays ~0.5 %)
 HEAVY_MAX_EVERY = 30  # read USS/fds at least every this many intervals
+RUN_ID_ENV = "COMET_LAB_RUN_ID"  # set by the controller on every process of a run (lab.launch)
 ROLE_MODULES = {"lab.comet": "server", "lab.agent": "agent", "lab.monitor": "monitor"}
 LAB_VERBS = {"serve": "server", "agent": "agent", "monitor": "monitor"}
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -55,8 +58,11 @@ def role_of(cmdline: Sequence[str], rules: Sequence[tuple[str, str]] = ()) -> st
     """The lab role a command line runs (``python -m lab.comet`` → "server"), or a --match
     role whose substring it contains; None when it is none of them."""
     for i, arg in enumerate(cmdline[:-1]):
-        if arg == "-m" and cmdline[i + 1] in ROLE_MODULES:
-            return ROLE_MODULES[cmdline[i + 1]]
+        module = cmdline[i + 1]
+        if arg == "-m" and module.split(".")[0] == "lab" and module.count(".") >= 1:
+            top = ".".join(module.split(".")[:2])  # lab.comet.worker → lab.comet
+            if top in ROLE_MODULES:
+                return ROLE_MODULES[top]
         if arg == "-m" and cmdline[i + 1] == "lab" and i + 2 < len(cmdline):
             return LAB_VERBS.get(cmdline[i + 2])
     if len(cmdline) >= 2 and os.path.basename(cmdline[0]) == "lab" and cmdline[1] in LAB_VERBS:
@@ -104,6 +110,16 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _in_run(pid: int, run_id: str) -> bool:
+    """True when the process's environment carries ``COMET_LAB_RUN_ID=<run_id>``."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return f"{RUN_ID_ENV}={run_id}".encode() in env
+
+
 def _fd_count(pid: int) -> int | None:
     """Open descriptors from the size of /proc/<pid>/fd (Linux >= 6.2), else None."""
     try:
@@ -129,6 +145,7 @@ class Monitor:
     ``time.time()`` stamps and its own CPU accounting, so tests can call it directly."""
 
     rules: tuple[tuple[str, str], ...] = ()
+    run_id: str = ""  # when set, lab role processes must carry COMET_LAB_RUN_ID=<run_id>
     host: str = field(default_factory=lambda: os.uname().nodename)
     tracked: dict[int, Tracked] = field(default_factory=dict)
     ignored: set[int] = field(default_factory=set)
@@ -156,7 +173,15 @@ class Monitor:
             try:
                 proc = psutil.Process(pid)
                 parent = self.tracked.get(proc.ppid())
-                role = parent.role if parent else role_of(proc.cmdline(), self.rules)
+                if parent:
+                    role: str | None = parent.role
+                else:
+                    cmdline = proc.cmdline()
+                    role = role_of(cmdline)
+                    if role is not None and self.run_id and not _in_run(pid, self.run_id):
+                        role = None  # another run's process on a shared host
+                    if role is None and self.rules:
+                        role = role_of(cmdline, self.rules)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 self.ignored.add(pid)
                 continue
@@ -296,6 +321,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="also watch processes whose command line contains SUBSTRING, as ROLE",
     )
     parser.add_argument("--host-name", help="the host name in each line (default: hostname)")
+    parser.add_argument(
+        "--run-id",
+        default=os.environ.get(RUN_ID_ENV, ""),
+        help=f"watch only lab processes of this run (${RUN_ID_ENV} in their environment; "
+        f"default: this process's ${RUN_ID_ENV}, unset = every lab process)",
+    )
     args = parser.parse_args(argv)
     if args.interval <= 0 or args.interval > 3600:
         parser.error("--interval must be in (0, 3600] seconds")
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    monitor = Monitor(rules=_parse_rules(args.match))
+    monitor = Monitor(rules=_parse_rules(args.match), run_id=args.run_id)
     if args.host_name:
         monitor.host = args.host_name
     outputs: list[IO[str]] = [sys.stdout]

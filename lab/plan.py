@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from lab.experiment import (
@@ -68,6 +70,7 @@ class RoleLaunch:
     stream_file: str = ""
     fetch_globs: tuple[str, ...] = ()
     health_url: str | None = None
+    files: tuple[tuple[str, str], ...] = ()  # (path relative to the run dir, text) to write first
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,16 +281,48 @@ def _check_memory(
             )
 
 
-def _phase_flags(exp: Experiment, share: AgentShare) -> list[str]:
-    """--rate/--connections/--hold/--close-rate for the phase shapes the agent's flags cover."""
-    opening = [p for p in exp.phases if p.kind in (PhaseKind.RAMP, PhaseKind.RATE)]
-    if len(opening) != 1:
-        raise CapacityError(
-            share.host,
-            "phases",
-            f"{len(opening)} opening phases; agent flags express one ramp, a hold and a close",
-            "use one {rate_per_s, until_connections} phase, then {hold_s}, then a close",
-        )
+def _is_simple(exp: Experiment) -> bool:
+    """One ramp, then at most one hold, then at most one close: the agent's plain flags."""
+    kinds = [p.kind for p in exp.phases]
+    return kinds[:1] == [PhaseKind.RAMP] and kinds[1:] in (
+        [],
+        [PhaseKind.HOLD],
+        [PhaseKind.CLOSE],
+        [PhaseKind.HOLD, PhaseKind.CLOSE],
+    )
+
+
+def agent_phases(exp: Experiment, index: int, hosts: int) -> list[dict[str, Any]]:
+    """The phases of agent ``index`` of ``hosts`` in the agent's --plan JSON form: targets
+    split evenly, rates in proportion to the agent's share of the connections."""
+    peak = max(1, exp.peak_connections)
+    frac = split_evenly(peak, hosts)[index] / peak
+    out: list[dict[str, Any]] = []
+    for p in exp.phases:
+        if p.kind is PhaseKind.RAMP:
+            until = split_evenly(p.until_connections or 0, hosts)[index]
+            out.append({"kind": "ramp", "rate_per_s": (p.rate_per_s or 0) * frac, "until": until})
+        elif p.kind is PhaseKind.RATE:
+            rate = (p.rate_per_s or 0) * frac
+            out.append({"kind": "ramp", "rate_per_s": rate, "duration_s": p.duration_s})
+        elif p.kind is PhaseKind.HOLD:
+            out.append({"kind": "hold", "duration_s": p.hold_s})
+        elif p.close_rate_per_s:
+            out.append({"kind": "close", "rate_per_s": p.close_rate_per_s * frac})
+        else:
+            out.append({"kind": "close"})
+    return out
+
+
+def _phase_args(
+    exp: Experiment, share: AgentShare, index: int, hosts: int
+) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+    """--rate/--connections/--hold/--close-rate when they express the phases, else --plan."""
+    if not _is_simple(exp):
+        doc = {"arrival": exp.arrival.kind.value, "seed": exp.arrival.seed + index}
+        doc["phases"] = agent_phases(exp, index, hosts)  # type: ignore[assignment]
+        name = f"{share.name}.plan.json"
+        return ["--plan", name], ((name, json.dumps(doc, indent=1) + "\n"),)
     hold = sum(p.hold_s or 0 for p in exp.phases if p.kind is PhaseKind.HOLD)
     flags = [
         "--rate",
@@ -301,7 +336,7 @@ def _phase_flags(exp: Experiment, share: AgentShare) -> list[str]:
     if close and close[0].close_rate_per_s:
         frac = share.connections / max(1, exp.peak_connections)
         flags += ["--close-rate", f"{close[0].close_rate_per_s * frac:g}"]
-    return flags
+    return flags, ()
 
 
 def _server_launch(exp: Experiment, workers: int) -> RoleLaunch | None:
@@ -339,9 +374,13 @@ def _server_launch(exp: Experiment, workers: int) -> RoleLaunch | None:
     )
 
 
-def _agent_launch(exp: Experiment, share: AgentShare, index: int) -> RoleLaunch:
+def _agent_launch(exp: Experiment, share: AgentShare, index: int, hosts: int) -> RoleLaunch:
     argv = ["--url", agent_url(exp), "--session", exp.session.kind.value]
-    argv += _phase_flags(exp, share)
+    phase_args, files = _phase_args(exp, share, index, hosts)
+    argv += phase_args
+    if exp.session.subscribe_by is SubscribeBy.MESSAGE:
+        for channel in exp.session.channels:
+            argv += ["--subscribe", channel]
     argv += ["--procs", str(share.procs)]
     if share.source_ips:
         argv += ["--source-ips", ",".join(share.source_ips)]
@@ -370,7 +409,7 @@ def _agent_launch(exp: Experiment, share: AgentShare, index: int) -> RoleLaunch:
             if exp.server.publish_token:
                 argv += ["--publish-token", exp.server.publish_token]
             if pub.start_after_s:
-                argv += ["--publish-after", f"{pub.start_after_s:g}"]
+                argv += ["--publish-delay", f"{pub.start_after_s:g}"]
     argv += [
         "--agent-id",
         share.name,
@@ -387,6 +426,8 @@ def _agent_launch(exp: Experiment, share: AgentShare, index: int) -> RoleLaunch:
         None,
         f"{share.name}.jsonl",
         (f"{share.name}*.rec",),
+        None,
+        files,
     )
 
 
@@ -426,7 +467,7 @@ def make_plan(exp: Experiment, limits: Mapping[str, HostLimits]) -> Plan:
     server = _server_launch(exp, workers)
     if server:
         launches.append(server)
-    launches += [_agent_launch(exp, s, i) for i, s in enumerate(shares)]
+    launches += [_agent_launch(exp, s, i, len(shares)) for i, s in enumerate(shares)]
     hosts = tuple(h for h in exp.hosts if h.name in in_use)
     return Plan(exp, hosts, tuple(launches), START_DELAY_S, exp.max_duration_s)
 

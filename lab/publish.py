@@ -15,6 +15,7 @@ import html
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,22 +53,30 @@ def execute_notebook(name: str, output: Path, parameters: Mapping[str, Any]) -> 
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (the record of what
     ran, with its outputs). Raises PublishError naming the failing cell's error."""
     import papermill
+    from jupyter_client.manager import AsyncKernelManager
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        papermill.execute_notebook(
-            str(notebook_path(name)),
-            str(output),
-            parameters=dict(parameters),
-            kernel_name="python3",
-            progress_bar=False,
-            cwd=os.getcwd(),
+    with tempfile.TemporaryDirectory(prefix="lab-kernel-") as sockets:
+        # IPC sockets in a private folder: TCP ports picked free can be taken by the time the
+        # kernel binds them on a busy machine ("Address already in use"), and stay unencrypted
+        kernel = AsyncKernelManager(
+            kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel")
         )
-    except papermill.PapermillExecutionError as exc:
-        raise PublishError(
-            f"notebooks/{name}.ipynb failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
-            f"(the executed notebook with the traceback is {output})"
-        ) from exc
+        try:
+            papermill.execute_notebook(
+                str(notebook_path(name)),
+                str(output),
+                parameters=dict(parameters),
+                kernel_name="python3",
+                progress_bar=False,
+                cwd=os.getcwd(),
+                km=kernel,
+            )
+        except papermill.PapermillExecutionError as exc:
+            raise PublishError(
+                f"notebooks/{name}.ipynb failed in cell {exc.exec_count}: {exc.ename}: "
+                f"{exc.evalue} (the executed notebook with the traceback is {output})"
+            ) from exc
     return output
 
 

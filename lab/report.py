@@ -170,45 +170,52 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
     """6. Memory per role over time, and memory vs connections with the fitted bytes per
     connection (``memory_frame``, ``memory_fits``)."""
     fig = make_subplots(
-        rows=1, cols=2, subplot_titles=("memory over time", "memory vs open connections")
+        rows=1,
+        cols=2,
+        subplot_titles=("memory over time (roles: USS)", "RSS vs open connections, fitted"),
     )
-    per_series = memory.groupby(["series", "t"])[["bytes", "connections"]].agg(
-        {"bytes": "sum", "connections": "first"}
+    # hosts sample at slightly different instants: add them up per whole second
+    per_second = memory.assign(second=memory["elapsed_s"].round())
+    per_series = per_second.groupby(["series", "second"]).agg(
+        bytes=("bytes", "sum"),
+        fit_bytes=("fit_bytes", "sum"),
+        connections=("connections", "first"),
+        t=("t", "max"),
     )
-    elapsed = memory.groupby("t")["elapsed_s"].first()
     for series, rows in per_series.groupby(level="series"):
         rows = rows.droplevel("series")
-        x = elapsed.reindex(rows.index)
+        name = str(series)
         fig.add_trace(
             go.Scatter(
-                x=x,
+                x=rows.index,
                 y=rows["bytes"] / 2**20,
-                name=str(series),
+                name=name,
                 mode="lines",
-                legendgroup=str(series),
+                legendgroup=name,
                 # the whole host's memory dwarfs the roles': one click away in the legend
                 visible="legendonly" if series == "system used" else True,
             ),
             row=1,
             col=1,
         )
-        fit = fits.get(str(series))
+        fit = fits.get(name)
         if fit is None or fit.bytes_per_conn is None or series == "system used":
             continue
+        window = rows[rows["t"] <= fit.until_t]
         fig.add_trace(
             go.Scatter(
-                x=rows["connections"],
-                y=rows["bytes"] / 2**20,
-                name=str(series),
+                x=window["connections"],
+                y=window["fit_bytes"] / 2**20,
+                name=name,
                 mode="markers",
-                legendgroup=str(series),
+                legendgroup=name,
                 showlegend=False,
                 marker={"size": 5},
             ),
             row=1,
             col=2,
         )
-        xs = [0.0, float(rows["connections"].max())]
+        xs = [0.0, float(window["connections"].max())]
         ys = [(fit.intercept_bytes + fit.bytes_per_conn * v) / 2**20 for v in xs]
         fig.add_trace(
             go.Scatter(
@@ -216,8 +223,8 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
                 y=ys,
                 mode="lines",
                 line={"dash": "dash"},
-                legendgroup=str(series),
-                name=f"{series}: {fit.bytes_per_conn / 1024:,.2f} KiB/conn",
+                legendgroup=name,
+                name=f"{name}: {fit.bytes_per_conn / 1024:,.2f} KiB/conn",
             ),
             row=1,
             col=2,

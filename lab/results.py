@@ -41,6 +41,7 @@ TABLES: dict[str, dict[str, str]] = {
         "connected": _I,
         "open": _I,
         "closed": _I,
+        "dropped": _I,
         **{f"failed_{r}": _I for r in FAILURES},
         "msgs_in": _I,
         "msgs_out": _I,
@@ -49,6 +50,7 @@ TABLES: dict[str, dict[str, str]] = {
         "lost": _I,
         "dup": _I,
         "reordered": _I,
+        "publish_errors": _I,
         "lag_ms": _F,
         "cpu_percent": _F,
         "uss": _I,
@@ -249,10 +251,20 @@ def _agent_row(host: str, t: float, line: Mapping[str, Any]) -> dict[str, Any]:
         "end": line.get("kind") == "agent_end",
         **{k: _num(line, k) for k in ("elapsed_s", "planned", "started", "connected", "open")},
         "closed": _num(line, "closed"),
+        "dropped": _num(line, "dropped"),
         **{f"failed_{r}": _num(failed, r) or 0 for r in FAILURES},
         **{
             k: _num(line, k)
-            for k in ("msgs_in", "msgs_out", "bytes_in", "bytes_out", "lost", "dup", "reordered")
+            for k in (
+                "msgs_in",
+                "msgs_out",
+                "bytes_in",
+                "bytes_out",
+                "lost",
+                "dup",
+                "reordered",
+                "publish_errors",
+            )
         },
         "lag_ms": _num(line, "lag_ms"),
         "cpu_percent": sum(_num(p, "cpu_percent") or 0 for p in procs) if procs else None,
@@ -372,8 +384,10 @@ def _frame(name: str, data: Any) -> Any:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
         elif dtype == _I:
             df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
+        elif dtype == _B:
+            df[col] = df[col].astype("boolean")
         else:
-            df[col] = df[col].astype(dtype)
+            df[col] = df[col].astype("string")
     return df
 
 
@@ -386,6 +400,7 @@ def build_tables(folder: Path, clock_offsets: Mapping[str, float]) -> list[Path]
     import pandas as pd
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     rows, conn_blocks, problems = read_raw(folder, clock_offsets)
     written = []
     for name, table_rows in rows.items():

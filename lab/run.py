@@ -58,12 +58,14 @@ def execute(
     run_folder = open_folder(Path(results_root), exp.name, Path(folder) if folder else None)
     engine = Engine(exp, run_folder, make_progress(progress), overrides)
     box: dict[str, Any] = {}
-    ready = threading.Event()
+    ready, done = threading.Event(), threading.Event()
 
     def work() -> None:
         async def main() -> None:
             box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
             ready.set()
+            if engine.stop_reason:  # stopped before the loop was up
+                box["task"].cancel()
             await engine.run()
 
         try:
@@ -72,35 +74,44 @@ def execute(
             box["error"] = exc
         finally:
             ready.set()
+            done.set()
 
     def stop(reason: str) -> None:
-        ready.wait(5)
-        loop, task = box.get("loop"), box.get("task")
+        """Ask the engine to stop (first time) or to hurry its teardown (second time)."""
         if engine.stop_reason:
             engine.hurry = True
             return
         engine.stop_reason = reason
+        loop, task = box.get("loop"), box.get("task")
         if loop is not None and task is not None:
             loop.call_soon_threadsafe(task.cancel)
 
-    thread = threading.Thread(target=work, name="lab-run", daemon=True)
-    previous = None
+    # Not a daemon: the interpreter waits for the teardown even if this thread dies.
+    thread = threading.Thread(target=work, name="lab-run")
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
+        # Own handlers for both (SIGINT too: a background job inherits it ignored).
+        for signum, reason in (
+            (signal.SIGINT, "stopped by SIGINT"),
+            (signal.SIGTERM, "stopped by SIGTERM"),
+        ):
 
-        def on_term(signum: int, frame: Any) -> None:
-            stop("SIGTERM")
+            def handler(_signum: int, _frame: Any, reason: str = reason) -> None:
+                stop(reason)
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+            previous[signum] = signal.signal(signum, handler)
     thread.start()
     try:
-        while thread.is_alive():
+        # Event.wait, not Thread.join: a KeyboardInterrupt inside join can make is_alive() lie.
+        while not done.is_set():
             try:
-                thread.join(0.2)
-            except KeyboardInterrupt:
-                stop("interrupted (SIGINT)")
+                done.wait(0.2)
+            except KeyboardInterrupt:  # a notebook kernel's interrupt
+                stop("stopped by KeyboardInterrupt")
+        thread.join()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
     if "error" in box:
         raise box["error"]
     return Path(run_folder.path)

@@ -10,9 +10,9 @@ Definitions (also in results/README.md):
 - the ramp is the span of the connections' scheduled times; its whole seconds are counted from
   the first scheduled time; the achieved rate of a second is the connections that *connected*
   in it (``connections.parquet``), the planned rate those *scheduled* in it;
-- bytes per connection of a role is the least-squares slope of the role's memory (USS, RSS
-  where USS is missing) against the open connections, over the monitor samples up to the
-  first close, summed over hosts; kernel memory is ``tcp_mem_bytes + tcp_slab_bytes``;
+- bytes per connection of a role is the least-squares slope of the role's RSS (read every
+  sample) against the open connections, over the monitor samples up to the first close,
+  summed over hosts; kernel memory is ``tcp_mem_bytes + tcp_slab_bytes``;
 - CPU per new connection of a role is its CPU time while connections were being opened,
   divided by the connections opened.
 """
@@ -76,6 +76,7 @@ class Tables:
     monitor_procs: pd.DataFrame
     connections: pd.DataFrame
     histograms: pd.DataFrame  # metric (connect|delivery), index, count: merged over the run
+    pids: pd.DataFrame  # host, role, pid: the processes known to be this run's own
 
 
 class StatsError(ValueError):
@@ -105,13 +106,19 @@ def load_tables(folder: Path | str) -> Tables:
             if col not in frame.columns:
                 frame[col] = np.nan
         frames[name] = frame
-    return Tables(folder=path, run=run, histograms=read_histograms(path / "raw"), **frames)
+    histograms, agent_pids = read_agent_streams(path / "raw")
+    server = frames["server"]
+    server_pids = server[["host", "pid"]].dropna().drop_duplicates().assign(role="server")
+    pids = pd.concat([server_pids, agent_pids], ignore_index=True)
+    return Tables(folder=path, run=run, histograms=histograms, pids=pids, **frames)
 
 
-def read_histograms(raw: Path) -> pd.DataFrame:
-    """The agents' latency histograms (``connect_hist``, ``delivery_hist`` of every ``agent``
-    line under ``raw/``) merged over the run: columns metric, index, count (unit us)."""
+def read_agent_streams(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """From the agents' raw streams (every ``agent`` line under ``raw/<host>/``): their latency
+    histograms merged over the run (columns metric, index, count; unit us) and their process
+    ids (columns host, pid, role)."""
     counts: dict[tuple[str, int], int] = {}
+    pids: set[tuple[str, int]] = set()
     for file in sorted(raw.glob("*/*.jsonl")) if raw.is_dir() else []:
         with file.open(encoding="utf-8", errors="replace") as lines:
             for line in lines:
@@ -123,6 +130,9 @@ def read_histograms(raw: Path) -> pd.DataFrame:
                     continue  # a line cut by an interrupted run
                 if not isinstance(record, dict) or record.get("kind") != "agent":
                     continue
+                for proc in record.get("procs") or []:
+                    if isinstance(proc, dict) and isinstance(proc.get("pid"), int):
+                        pids.add((file.parent.name, proc["pid"]))
                 for metric in ("connect", "delivery"):
                     hist = record.get(f"{metric}_hist") or {}
                     if hist.get("unit", "us") != "us":
@@ -130,13 +140,17 @@ def read_histograms(raw: Path) -> pd.DataFrame:
                     for index, count in hist.get("buckets") or []:
                         key = (metric, int(index))
                         counts[key] = counts.get(key, 0) + int(count)
-    return pd.DataFrame(
+    histograms = pd.DataFrame(
         {
             "metric": [k[0] for k in counts],
             "index": np.array([k[1] for k in counts], dtype="int64"),
             "count": np.array(list(counts.values()), dtype="int64"),
         }
     )
+    agent_pids = pd.DataFrame(
+        {"host": [h for h, _ in pids], "pid": [p for _, p in pids], "role": "agent"}
+    )
+    return histograms, agent_pids
 
 
 def histogram_ms(tables: Tables, metric: str) -> tuple[float | None, float | None, float | None]:
@@ -304,36 +318,66 @@ def _rate_from_agents(tables: Tables, origin: float, columns: list[str]) -> pd.D
 # ---------------------------------------------------------------- memory and CPU per role
 
 
+def own_procs(tables: Tables) -> pd.DataFrame:
+    """The monitor's process rows that belong to this run: for a role whose process ids are
+    known on a host (server workers from ``server.parquet``, agent processes from the agents'
+    streams), only those; other rows as they are. (A monitor matches every lab process on its
+    host, including other runs' on a shared machine.)"""
+    procs = tables.monitor_procs
+    if procs.empty or tables.pids.empty:
+        return procs
+    known = {
+        (str(h), str(r)): set(g["pid"].astype("int64"))
+        for (h, r), g in tables.pids.groupby(["host", "role"])
+    }
+
+    def mine(row_host: Any, row_role: Any, pid: Any) -> bool:
+        pids = known.get((str(row_host), str(row_role)))
+        return pids is None or (pd.notna(pid) and int(pid) in pids)
+
+    keep = [
+        mine(h, r, p) for h, r, p in zip(procs["host"], procs["role"], procs["pid"], strict=True)
+    ]
+    return procs[np.asarray(keep, dtype=bool)]
+
+
 def _proc_memory(procs: pd.DataFrame) -> pd.Series:
-    uss = procs["uss"].astype("float64")
-    return uss.where(uss > 0, procs["rss"].astype("float64"))
+    """Memory of each process row: its USS, gaps filled from the same process's neighbouring
+    samples (so a missed USS reading does not swap in RSS for a second); RSS for a process
+    with no USS at all."""
+    uss = procs["uss"].astype("float64").where(lambda v: v > 0)
+    keys = [procs["host"].astype(str), procs["pid"].astype("float64")]
+    filled = uss.groupby(keys, dropna=False).transform(lambda v: v.ffill().bfill())
+    return filled.fillna(procs["rss"].astype("float64"))
 
 
 def memory_frame(tables: Tables) -> pd.DataFrame:
-    """Memory over time per host and series: each role's processes (USS, RSS where USS is
-    missing), ``system used`` and ``kernel tcp``. Columns: elapsed_s, t, host, series, bytes,
-    connections (open at that time)."""
+    """Memory over time per host and series: each role's processes, ``system used`` and
+    ``kernel tcp``. Columns: elapsed_s, t, host, series, bytes (roles: USS, the memory that is
+    the process's own), fit_bytes (roles: RSS, read every sample — the monitor reads USS only
+    now and then to stay within its CPU budget, and new per-connection pages count in both;
+    host series: as bytes), connections (open at that time)."""
     origin = run_start(tables)
     parts = []
-    procs = tables.monitor_procs
+    procs = own_procs(tables).sort_values("t", kind="stable")
     if len(procs):
-        mem = procs.assign(bytes=_proc_memory(procs))
-        by_role = mem.groupby(["t", "host", "role"])["bytes"].sum().reset_index()
+        mem = procs.assign(bytes=_proc_memory(procs), fit_bytes=procs["rss"].astype("float64"))
+        by_role = mem.groupby(["t", "host", "role"])[["bytes", "fit_bytes"]].sum().reset_index()
         parts.append(by_role.rename(columns={"role": "series"}))
     host = tables.monitor_host
     if len(host):
-        used = host[["t", "host"]].assign(series="system used", bytes=host["mem_used"])
+        used = host["mem_used"].astype("float64")
         kernel = host["tcp_mem_bytes"].fillna(0) + host["tcp_slab_bytes"].fillna(0)
-        parts += [used, host[["t", "host"]].assign(series="kernel tcp", bytes=kernel)]
+        for series, values in (("system used", used), ("kernel tcp", kernel)):
+            part = host[["t", "host"]].assign(series=series, bytes=values, fit_bytes=values)
+            parts.append(part)
+    columns = ["elapsed_s", "t", "host", "series", "bytes", "fit_bytes", "connections"]
     if not parts:
-        cols = ["elapsed_s", "t", "host", "series", "bytes", "connections"]
-        return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
     frame = pd.concat(parts, ignore_index=True).sort_values("t", kind="stable")
     frame["elapsed_s"] = frame["t"] - origin
     frame["connections"] = open_connections_at(tables, frame["t"])
-    return frame[["elapsed_s", "t", "host", "series", "bytes", "connections"]].reset_index(
-        drop=True
-    )
+    return frame[columns].reset_index(drop=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +389,7 @@ class MemoryFit:
     bytes_per_conn: float | None
     intercept_bytes: float
     samples: int
+    until_t: float  # the last sample time used (the first close)
 
 
 def fit_window_end(tables: Tables) -> float:
@@ -356,13 +401,14 @@ def fit_window_end(tables: Tables) -> float:
 def memory_fits(tables: Tables, memory: pd.DataFrame | None = None) -> dict[str, MemoryFit]:
     """Bytes per connection of every series of ``memory_frame`` (server, agent, kernel tcp…)."""
     memory = memory_frame(tables) if memory is None else memory
-    window = memory[memory["t"] <= fit_window_end(tables)]
+    until = fit_window_end(tables)
+    window = memory[memory["t"] <= until]
     fits: dict[str, MemoryFit] = {}
     for series, rows in window.groupby("series"):
         slope_sum, intercept_sum, usable, n = 0.0, 0.0, False, 0
         for _, host_rows in rows.groupby("host"):
             x = host_rows["connections"].to_numpy("float64")
-            y = host_rows["bytes"].to_numpy("float64")
+            y = host_rows["fit_bytes"].to_numpy("float64")
             keep = np.isfinite(x) & np.isfinite(y)
             x, y = x[keep], y[keep]
             n += len(x)
@@ -373,14 +419,14 @@ def memory_fits(tables: Tables, memory: pd.DataFrame | None = None) -> dict[str,
             intercept_sum += float(intercept)
             usable = True
         name = str(series)
-        fits[name] = MemoryFit(name, slope_sum if usable else None, intercept_sum, n)
+        fits[name] = MemoryFit(name, slope_sum if usable else None, intercept_sum, n, until)
     return fits
 
 
 def cpu_role_frame(tables: Tables) -> pd.DataFrame:
     """CPU per role over time: columns elapsed_s, t, host, role, cpu_percent (% of one core,
     summed over the role's processes on the host)."""
-    procs = tables.monitor_procs
+    procs = own_procs(tables)
     if procs.empty:
         cols = ["elapsed_s", "t", "host", "role", "cpu_percent"]
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
@@ -398,7 +444,7 @@ def cpu_core_frame(tables: Tables) -> pd.DataFrame:
 
 def cpu_seconds_by_role(tables: Tables, start: float, end: float) -> dict[str, float]:
     """CPU seconds each role used in (start, end]: cpu_percent × the sample interval."""
-    procs = tables.monitor_procs
+    procs = own_procs(tables)
     if procs.empty:
         return {}
     out: dict[str, float] = {}

@@ -188,7 +188,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                     "pid": pid,
                     "role": role,
                     "cpu_percent": cpu,
-                    "rss": uss * 1.5,
+                    "rss": uss + 10e6,  # shared pages: the same slope
                     "uss": uss,
                     "num_fds": 10,
                     "threads": 1,
@@ -283,3 +283,34 @@ def smoke_run(tmp_path_factory: Any) -> Path:
             raise AssertionError(_SMOKE["error"])
         _SMOKE["folder"] = folder
     return Path(_SMOKE["folder"])
+
+
+def published_smoke(tmp_path_factory: Any) -> Path:
+    """A copy of the smoke run published once (``lab.publish.publish_run``: run.ipynb executed,
+    report.html, index.html), shared by the notebook and publish tests."""
+    if "published" not in _SMOKE:
+        import shutil
+
+        from lab.publish import publish_run
+
+        source = smoke_run(tmp_path_factory)
+        copy = tmp_path_factory.mktemp("published") / source.name
+        shutil.copytree(source, copy)
+        publish_run(copy)
+        _SMOKE["published"] = copy
+    return Path(_SMOKE["published"])
+
+
+def compared(tmp_path_factory: Any) -> Path:
+    """``lab compare`` once on the smoke run and a constructed run on another CPU model: the
+    HTML page (its executed notebook beside it, same name with .ipynb)."""
+    if "compared" not in _SMOKE:
+        from lab.publish import compare_main
+
+        folder = tmp_path_factory.mktemp("compare")
+        other = build(folder / "constructed", cpu_model="Another CPU")
+        out = folder / "compare.html"
+        runs = [str(smoke_run(tmp_path_factory)), str(other)]
+        assert compare_main([*runs, "--out", str(out)], prog="lab compare") == 0
+        _SMOKE["compared"] = out
+    return Path(_SMOKE["compared"])

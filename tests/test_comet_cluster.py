@@ -43,7 +43,9 @@ def wait_until(cond: Any, timeout_s: float = 20.0) -> None:
     raise AssertionError(f"not reached within {timeout_s} s: {cond}")
 
 
-async def connect_on_every_worker(server: ServerProcess, url: str, n: int) -> list[ClientConnection]:
+async def connect_on_every_worker(
+    server: ServerProcess, url: str, n: int
+) -> list[ClientConnection]:
     clients = [await connect(url) for _ in range(n)]
     # SO_REUSEPORT hashes connections over the workers; check both hold subscribers.
     await asyncio.to_thread(
@@ -84,8 +86,10 @@ async def test_sigkilled_worker_is_replaced_and_serving() -> None:
         victim = server.worker_pids[0]
         os.kill(victim, signal.SIGKILL)
         wait_until(
-            lambda: (s := stats(server))["workers"][0]["restarts"] == 1
-            and s["workers"][0]["pid"] not in (0, victim)
+            lambda: (
+                (s := stats(server))["workers"][0]["restarts"] == 1
+                and s["workers"][0]["pid"] not in (0, victim)
+            )
         )
         wait_until(lambda: urllib.request.urlopen(f"{server.url}/healthz", timeout=5).status == 200)
         assert any("died: signal 9" in line for line in server.stderr_lines)

@@ -39,7 +39,7 @@ def parse_frame(data: bytes) -> Frame:
     try:
         next(gen)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value
     raise AssertionError("incomplete frame")
 
 
@@ -85,7 +85,7 @@ def test_outgoing_encodes_envelope_once_for_each_transport() -> None:
     assert envelope == {"channel": "chan", "id": 42, "data": 'hé "quoted"\nline'}
     assert out.ws_frame is out.ws_frame
     frame = parse_frame(out.ws_frame)
-    assert frame.opcode is Opcode.TEXT and json.loads(frame.data) == envelope
+    assert frame.opcode is Opcode.TEXT and json.loads(bytes(frame.data)) == envelope
     sse = out.sse_event.decode()
     assert sse.startswith("id: 42\ndata: ") and sse.endswith("\n\n")
     assert sse.count("\n") == 3  # the envelope JSON has no raw newline
@@ -189,8 +189,12 @@ def test_ipc_decoder_handles_split_and_joined_messages() -> None:
 
 
 def test_console_figures() -> None:
-    w0 = worker_figures(0, 11, {"online": 3, "events": 9, "connects": 4, "messages": 3,
-                                "closes": 2, "pcs": 5}, restarts=1)
+    w0 = worker_figures(
+        0,
+        11,
+        {"online": 3, "events": 9, "connects": 4, "messages": 3, "closes": 2, "pcs": 5},
+        restarts=1,
+    )
     w1 = worker_figures(1, 12, None, restarts=0)
     line = server_line(100.0, 42.7, [w0, w1], published=7, channels=2)
     assert line["kind"] == "server" and line["online"] == 3 and line["uptime_s"] == 42
@@ -199,8 +203,13 @@ def test_console_figures() -> None:
     assert "online" in text and "w0 pid 11" in text and "PcS 5" in text and "restarts 1" in text
 
 
-LIMITS = HostLimits(nofile_soft=20000, nofile_hard=20000, port_low=32768, port_high=60999,
-                    mem_available_bytes=1 << 34)
+LIMITS = HostLimits(
+    nofile_soft=20000,
+    nofile_hard=20000,
+    port_low=32768,
+    port_high=60999,
+    mem_available_bytes=1 << 34,
+)
 
 
 def test_resolve_workers_auto_and_token() -> None:

@@ -28,22 +28,35 @@ MAX_BYTES = 4096
 def server() -> Iterator[ServerProcess]:
     with ServerProcess(
         workers=1,
-        extra=["--publish-token", TOKEN, "--max-message-bytes", str(MAX_BYTES),
-               "--max-head-bytes", "4096", "--history", "5", "--quiet"],
+        extra=[
+            "--publish-token",
+            TOKEN,
+            "--max-message-bytes",
+            str(MAX_BYTES),
+            "--max-head-bytes",
+            "4096",
+            "--history",
+            "5",
+            "--quiet",
+        ],
     ) as s:
         yield s
 
 
 def publish(server: ServerProcess, channel: str, data: str, token: str | None = TOKEN) -> int:
     req = urllib.request.Request(
-        f"{server.url}/pub/{channel}", data=data.encode(), method="POST",
+        f"{server.url}/pub/{channel}",
+        data=data.encode(),
+        method="POST",
         headers={"Authorization": f"Bearer {token}"} if token else {},
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return int(json.load(resp)["id"])
 
 
-def get(server: ServerProcess, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def get(
+    server: ServerProcess, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
     try:
         conn.request("GET", path, headers=headers or {})
@@ -105,7 +118,13 @@ def test_long_poll_history_since_and_timeout(server: ServerProcess) -> None:
     assert status == 200
     assert [m["id"] for m in json.loads(body)] == [5, 6, 7]
     # history keeps 5 messages: since=0 returns what it still holds
-    assert [m["id"] for m in json.loads(get(server, "/lp?channel=h1&since=0")[1])] == [3, 4, 5, 6, 7]
+    assert [m["id"] for m in json.loads(get(server, "/lp?channel=h1&since=0")[1])] == [
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
     assert get(server, "/lp?channel=h1&since=7&timeout=0.2") == (204, b"")
     assert get(server, "/lp?channel=empty&timeout=0") == (204, b"")
 
@@ -191,18 +210,39 @@ async def wait_for_stat(server: ServerProcess, cond: Any, timeout_s: float = 15.
         (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         (b"GET /stats HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"GET /stats HTTP/1.1\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n", 431),
-        (b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
-         + b"\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000, 413),
-        (b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
-         + b"\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n" + b"x" * 5000 + b"\r\n0\r\n\r\n", 413),
+        (
+            b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 5000\r\n\r\n"
+            + b"x" * 5000,
+            413,
+        ),
+        (
+            b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n"
+            + b"x" * 5000
+            + b"\r\n0\r\n\r\n",
+            413,
+        ),
         (b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer wrong\r\nContent-Length: 1\r\n\r\nx", 401),
         (b"POST /pub/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 401),
-        (b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
-         + b"\r\nContent-Length: 2\r\n\r\n\xff\xfe", 400),
-        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n", 400),
-        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", 426),
+        (
+            b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 2\r\n\r\n\xff\xfe",
+            400,
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
+            400,
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            426,
+        ),
         (b"GET /lp?channel=a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
     ],
 )
@@ -211,7 +251,7 @@ def test_bad_http_input_gets_status_and_worker_keeps_serving(
 ) -> None:
     answer = raw_exchange(server, request_bytes)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
-    head, _, body = answer.partition(b"\r\n\r\n")
+    _, _, body = answer.partition(b"\r\n\r\n")
     assert json.loads(body)["error"]
     assert_still_serving(server)
 
@@ -221,6 +261,15 @@ def test_publish_with_token_over_http_client(server: ServerProcess) -> None:
         publish(server, "t1", "x", token=None)
     assert info.value.code == 401
     assert publish(server, "t1", "x") == 1
+
+
+def test_oversize_publish_from_a_standard_client_reads_413(server: ServerProcess) -> None:
+    for size in (MAX_BYTES + 1, 256 * 1024):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            publish(server, "big", "y" * size)
+        assert info.value.code == 413
+        assert "--max-message-bytes" in json.loads(info.value.read())["error"]
+    assert_still_serving(server)
 
 
 @pytest.mark.parametrize(
@@ -248,3 +297,28 @@ async def test_ping_and_fragmented_message(server: ServerProcess) -> None:
         await asyncio.wait_for(pong, 10)
         await ws.send(iter(['{"subscribe"', ': "frag"}']))
         assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"subscribed": "frag"}
+
+
+def test_ping_interval_sends_pings_that_clients_answer() -> None:
+    with (
+        ServerProcess(workers=1, extra=["--quiet", "--ping-interval", "0.1"]) as s,
+        socket.create_connection((s.host, s.port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"GET /ws?channel=p HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"\x89\x00" not in data.partition(b"\r\n\r\n")[2]:
+            chunk = sock.recv(4096)
+            assert chunk, "server closed instead of pinging"
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ")
+        sock.sendall(b"\x8a\x80" + b"\x00\x00\x00\x00")  # masked empty pong
+        sock.sendall(b"\x81\x92" + b"\x00\x00\x00\x00" + b'{"subscribe": "q"}'[:18])
+        reply = b""
+        while b"subscribed" not in reply:
+            chunk = sock.recv(4096)
+            assert chunk
+            reply += chunk

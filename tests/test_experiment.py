@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lab.experiment import (
     LOCAL,
@@ -18,6 +19,7 @@ from lab.experiment import (
     load_inventory,
     parse_overrides,
 )
+from lab.inventory import inventory_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -45,10 +47,13 @@ def test_every_shipped_experiment_loads(path: Path) -> None:
     assert exp.to_dict()["name"] == exp.name
 
 
-def test_inventory_netns_loads() -> None:
+def test_inventory_netns_loads(tmp_path: Path) -> None:
     hosts = load_inventory(ROOT / "experiments" / "inventory-netns.yaml")
     assert [h.name for h in hosts] == ["srv", "a1", "a2"]
     assert all(h.address.startswith("198.18.") and not h.embedded for h in hosts)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(inventory_to_dict(hosts)))
+    assert load_inventory(again) == hosts
 
 
 def test_c64k_is_the_field_report_experiment() -> None:
@@ -190,7 +195,7 @@ def test_source_ip_ranges() -> None:
         "127.0.0.10",
         "10.0.0.1",
     )
-    with pytest.raises(ExperimentError, match="127.0.0.2-9"):
+    with pytest.raises(ExperimentError, match=r"127\.0\.0\.2-9"):
         expand_addresses("127.0.0.x")
 
 
@@ -203,3 +208,20 @@ def test_to_dict_masks_the_publish_token(tmp_path: Path) -> None:
 def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
     e = error(tmp_path, "phases: [\n")
     assert e.file.endswith("exp.yaml") and "YAML" in e.problem
+
+
+def test_template_documents_every_key() -> None:
+    import dataclasses
+
+    import yaml
+
+    from lab.experiment import TOP_KEYS, HostSpec, ServerSpec
+
+    text = (ROOT / "experiments" / "template.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert set(data) == set(TOP_KEYS)
+    assert set(data["server"]) == {f.name for f in dataclasses.fields(ServerSpec)}
+    for f in dataclasses.fields(HostSpec):
+        assert f"{f.name}:" in text, f.name
+    for key in ("until_connections", "duration_s", "hold_s", "close_rate_per_s", "close: all"):
+        assert key in text

@@ -27,7 +27,9 @@ TARGET = (
 )
 
 
-def read_lines_until(proc: subprocess.Popen[str], want: Any, deadline_s: float = 30.0) -> list[dict]:
+def read_lines_until(
+    proc: subprocess.Popen[str], want: Any, deadline_s: float = 30.0
+) -> list[dict]:
     """Read monitor lines until ``want(line)`` holds (bounded by lines, not sleeps)."""
     assert proc.stdout is not None
     lines: list[dict] = []
@@ -57,8 +59,19 @@ def test_monitor_reports_role_processes_and_stops_on_sigterm(tmp_path: Path, tar
     pid, child_pid = target
     out = tmp_path / "monitor.jsonl"
     mon = subprocess.Popen(
-        [PY, "-m", "lab.monitor", "--interval", "0.2", "--out", str(out)]
-        + ["--match", f"server={SENTINEL}", "--duration", "60"],
+        [
+            PY,
+            "-m",
+            "lab.monitor",
+            "--interval",
+            "0.2",
+            "--out",
+            str(out),
+            "--match",
+            f"server={SENTINEL}",
+            "--duration",
+            "60",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -116,6 +129,8 @@ def test_role_of_command_lines() -> None:
     assert role_of(["python3", "-m", "lab.comet", "--port", "1"]) == "server"
     assert role_of(["/venv/bin/python", "-u", "-m", "lab.agent"]) == "agent"
     assert role_of(["python", "-m", "lab", "monitor"]) == "monitor"
+    assert role_of(["python", "-m", "lab.comet.worker", "--control-fd", "5"]) == "server"
+    assert role_of(["python", "-m", "lab.metadata"]) is None
     assert role_of(["/venv/bin/lab", "serve"]) == "server"
     assert role_of(["sh", "-c", "exec python -m lab.agent"]) is None  # the shell wrapper
     assert role_of(["nginx: worker process"], [("server", "nginx")]) == "server"
@@ -123,9 +138,7 @@ def test_role_of_command_lines() -> None:
 
 
 def test_parsers() -> None:
-    sockstat = (
-        "sockets: used 300\nTCP: inuse 5 orphan 1 tw 7 alloc 9 mem 3\nUDP: inuse 1 mem 0\n"
-    )
+    sockstat = "sockets: used 300\nTCP: inuse 5 orphan 1 tw 7 alloc 9 mem 3\nUDP: inuse 1 mem 0\n"
     assert parse_sockstat(sockstat) == {
         "tcp_inuse": 5,
         "tcp_orphan": 1,
@@ -139,3 +152,25 @@ def test_parsers() -> None:
         "tw_sock_TCP 4 4 256 16 1 : tunables 0 0 0\n"
     )
     assert parse_slabinfo(slab) == 10 * 2432 + 4 * 256
+
+
+def test_monitor_watches_only_its_runs_processes(tmp_path: Path) -> None:
+    """Two runs share a host: each monitor sees the lab processes of its own run only."""
+    idle = [PY, "-m", "lab.monitor", "--interval", "30", "--duration", "60"]
+    ours = subprocess.Popen(idle, env={**os.environ, "COMET_LAB_RUN_ID": "run-a"})
+    theirs = subprocess.Popen(idle, env={**os.environ, "COMET_LAB_RUN_ID": "run-b"})
+    mon = subprocess.Popen(
+        [PY, "-m", "lab.monitor", "--interval", "0.2", "--duration", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COMET_LAB_RUN_ID": "run-a"},
+    )
+    try:
+        lines = read_lines_until(mon, lambda line: ours.pid in {p["pid"] for p in line["procs"]})
+    finally:
+        for p in (mon, ours, theirs):
+            p.send_signal(signal.SIGTERM)
+        for p in (mon, ours, theirs):
+            assert p.wait(timeout=20) == 0
+    pids = {p["pid"] for p in lines[-1]["procs"]}
+    assert mon.pid in pids and theirs.pid not in pids

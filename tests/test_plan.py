@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_hosts_split_rate_and_connections_between_agent_hosts() -> None:
     assert [a.host for a in agents] == ["a1", "a2"]
     assert [argv_value(a.argv, "--connections") for a in agents] == ["32000", "32000"]
     assert [argv_value(a.argv, "--rate") for a in agents] == ["1250", "1250"]
-    assert all(argv_value(a.argv, "--url").startswith("ws://198.18.0.1:18080/") for a in agents)
+    assert all(argv_value(a.argv, "--url").startswith("ws://198.18.0.10:18080/") for a in agents)
     assert "--publish-url" not in agents[1].argv
 
 
@@ -139,3 +140,41 @@ def test_external_server() -> None:
 def test_split_evenly() -> None:
     assert split_evenly(10, 3) == [4, 3, 3]
     assert sum(split_evenly(64001, 2)) == 64001
+
+
+def test_several_phases_go_to_a_plan_file(tmp_path: Path) -> None:
+    path = tmp_path / "multi.yaml"
+    path.write_text(
+        "name: multi\nhosts: [{name: s, address: 127.0.0.1}, {name: a}, {name: b}]\n"
+        "session: {channel: c, subscribe_by: message}\n"
+        "phases:\n  - {rate_per_s: 100, until_connections: 1000}\n"
+        "  - {rate_per_s: 10, duration_s: 5}\n  - {hold_s: 2}\n  - {close_rate_per_s: 50}\n"
+    )
+    e = load_experiment(path)
+    agents = make_plan(e, limits(e)).stage(Role.AGENT)
+    assert [a.host for a in agents] == ["a", "b"]
+    for a in agents:
+        assert "--rate" not in a.argv and argv_value(a.argv, "--subscribe") == "c"
+        assert argv_value(a.argv, "--url") == "ws://127.0.0.1:18080/ws"
+        ((name, text),) = a.files
+        assert argv_value(a.argv, "--plan") == name == f"{a.name}.plan.json"
+        doc = json.loads(text)
+        assert doc["phases"] == [
+            {"kind": "ramp", "rate_per_s": 50.0, "until": 500},
+            {"kind": "ramp", "rate_per_s": 5.0, "duration_s": 5},
+            {"kind": "hold", "duration_s": 2},
+            {"kind": "close", "rate_per_s": 25.0},
+        ]
+
+
+def test_publish_delay_and_token() -> None:
+    e = exp("c64k-broadcast", **{"server.publish_token": "tok"})
+    plan = make_plan(e, limits(e))
+    (agent,) = plan.stage(Role.AGENT)
+    assert argv_value(agent.argv, "--publish-delay") == "33"
+    assert argv_value(agent.argv, "--publish-token") == "tok"
+    (server,) = plan.stage(Role.SERVER)
+    assert argv_value(server.argv, "--publish-token") == "tok"
+    open_bind = exp("smoke", **{"server.host": "0.0.0.0"})
+    with pytest.raises(CapacityError, match="publish_token"):
+        make_plan(open_bind, limits(open_bind))

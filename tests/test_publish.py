@@ -4,7 +4,6 @@ JavaScript error; results/index.html lists the runs; `lab compare` writes a comp
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,42 +27,43 @@ def chromium() -> str:
     return require("chromium", "the published HTML is checked in a real browser")
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the real smoke run, so publishing here leaves the shared one untouched."""
-    source = runfolder.smoke_run(tmp_path_factory)
-    copy = tmp_path_factory.mktemp("published") / source.name
-    shutil.copytree(source, copy)
-    return copy
-
-
-def test_smoke_run_report_opens_offline_with_every_figure(chromium: str, smoke: Path) -> None:
-    report = publish.publish_run(smoke)
-    assert report == smoke / "report.html"
-    assert (smoke / "run.ipynb").is_file()
+def test_smoke_run_report_opens_offline_with_every_figure(
+    chromium: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = runfolder.published_smoke(tmp_path_factory)
+    report = folder / "report.html"
     html = report.read_text()
     assert html.count("Plotly.newPlot") == 9
-    assert "cdn.plot.ly" not in html and "require.min.js" not in html
+    assert "require.min.js" not in html and "cdnjs.cloudflare.com" not in html
     page = load_page(chromium, report)
     assert page.drawn >= 6
     assert_offline_and_clean(page, figures=9)
-    index = (smoke.parent / "index.html").read_text()
-    assert f'href="{smoke.name}/report.html"' in index
+    index = (folder.parent / "index.html").read_text()
+    assert f'href="{folder.name}/report.html"' in index
     assert "completed" in index and "smoke" in index
 
 
-def test_constructed_run_and_index(chromium: str, tmp_path: Path) -> None:
+def test_index_lists_every_run_newest_first(tmp_path: Path) -> None:
     results = tmp_path / "results"
     older = runfolder.build(results / "20261126-100000-synthetic")
     record = json.loads((older / "run.json").read_text())
     record.update(outcome="interrupted", reason="SIGINT", summary={"peak_connections": 12})
     (older / "run.json").write_text(json.dumps(record))
     newer = runfolder.build(results / "20261126-110000-synthetic")
-    report = publish.publish_run(newer)
-    assert_offline_and_clean(load_page(chromium, report), figures=9)
-    index = (results / "index.html").read_text()
+    (newer / "report.html").write_text("<html></html>")
+    record = json.loads((newer / "run.json").read_text())
+    record.update(
+        summary={"peak_connections": 64000, "server_bytes_per_conn": 4096.0},
+        thresholds=[
+            {"name": "connect_errors", "op": "==", "value": 0, "actual": 3, "passed": False}
+        ],
+    )
+    (newer / "run.json").write_text(json.dumps(record))
+    index = publish.write_index(results).read_text()
     assert index.index("20261126-110000") < index.index("20261126-100000")  # newest first
     assert "interrupted" in index and "SIGINT" in index
+    assert "64,000" in index and "4.00 KiB/conn" in index and "failed: connect_errors" in index
+    assert f'href="{newer.name}/report.html"' in index
     assert f'href="{older.name}/run.json"' in index
     assert f'href="{older.name}/report.html"' not in index  # never published
 
@@ -75,14 +75,8 @@ def test_the_browser_check_catches_a_javascript_error(chromium: str, tmp_path: P
     assert any("undefinedFunction" in e for e in report.errors)
 
 
-def test_lab_compare_writes_html(
-    chromium: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    a = runfolder.build(tmp_path / "run-a")
-    b = runfolder.build(tmp_path / "run-b", cpu_model="Another CPU")
-    out = tmp_path / "compare.html"
-    assert publish.compare_main([str(a), str(b), "--out", str(out)], prog="lab compare") == 0
-    assert capsys.readouterr().out.strip() == str(out)
+def test_lab_compare_writes_html(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = runfolder.compared(tmp_path_factory)
     html = out.read_text()
     assert "CPU model differs" in html
     assert_offline_and_clean(load_page(chromium, out), figures=6)

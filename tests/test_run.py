@@ -208,13 +208,13 @@ def netns_experiment(
         "hosts": [
             {k: v for k, v in vars_of(h.spec).items() if v is not None} for h in hosts
         ],
-        "server": {"kind": "lab.comet", "on": server.name, "host": server.address,
+        "server": {"kind": "lab.comet", "on_host": server.name, "host": server.address,
                    "port": 18191, "workers": 1, "publish_token": TOKEN},
         "agents": {"hosts": [h.name for h in agents], "procs": 1},
         "session": {"kind": "websocket", "channel": "news"},
         "phases": [{"rate_per_s": 300, "until_connections": 300}, {"hold_s": hold_s},
                    {"close": "all"}],
-        "publishing": {"channel": "news", "rate_per_s": 5, "count": 5, "start_after_s": 1.5},
+        "publishing": {"channel": "news", "rate_per_s": 5, "count": 5},
         "monitor": {"interval_s": 0.5},
         "thresholds": [{"metric": "peak_connections", "op": ">=", "value": 300}],
         "max_duration_s": max_duration_s,

@@ -32,7 +32,6 @@ their own share (their own rates and ``until``) and the same ``--start-at``.
 """
 
 
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m lab.agent`` / ``lab agent`` (see ``lab.agent.coordinator.main``)."""
     from lab.agent.coordinator import main as run

@@ -155,9 +155,10 @@ def check_capacity(
         problems.append(
             f"ports: {demand.peak_open} connections over {demand.sources} source address(es) × "
             f"{demand.destinations} destination(s) is {per_pair} per pair, above the {usable} "
-            f"ephemeral ports of a pair (ip_local_port_range {limits.port_low}-{limits.port_high}): "
-            f"add source addresses {_ip_range_text(first, need)} "
-            f"(--source-ips {_ip_range_text(first, need)}, or auto on loopback) or more --url destinations"
+            f"ephemeral ports of a pair (ip_local_port_range {limits.port_low}-"
+            f"{limits.port_high}): add source addresses {_ip_range_text(first, need)} "
+            f"(--source-ips {_ip_range_text(first, need)}, or auto on loopback) "
+            "or more --url destinations"
         )
     need_bytes = (
         demand.peak_open * (AGENT_BYTES_PER_CONN + KERNEL_BYTES_PER_SOCKET)
@@ -166,7 +167,8 @@ def check_capacity(
     if limits.mem_available_bytes and need_bytes > limits.mem_available_bytes * MEM_HEADROOM:
         problems.append(
             f"memory: {demand.peak_open} connections need about {need_bytes >> 20} MiB, "
-            f"{int(MEM_HEADROOM * 100)}% of available memory is {int(limits.mem_available_bytes * MEM_HEADROOM) >> 20} MiB: "
+            f"{int(MEM_HEADROOM * 100)}% of available memory is "
+            f"{int(limits.mem_available_bytes * MEM_HEADROOM) >> 20} MiB: "
             "lower --connections or spread the plan over more agent hosts"
         )
     if problems:

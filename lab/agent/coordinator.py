@@ -44,8 +44,20 @@ EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lin
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0  # after a stop, processes get this long before SIGKILL
 SATURATED_CPU_PERCENT = 90.0
-SUM_FIELDS = ("started", "connected", "open", "closed", "dropped", "msgs_in", "msgs_out",
-              "bytes_in", "bytes_out", "lost", "dup", "reordered")  # fmt: skip
+SUM_FIELDS = (
+    "started",
+    "connected",
+    "open",
+    "closed",
+    "dropped",
+    "msgs_in",
+    "msgs_out",
+    "bytes_in",
+    "bytes_out",
+    "lost",
+    "dup",
+    "reordered",
+)
 
 
 class UsageError(Exception):
@@ -59,28 +71,81 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "connections; one JSON line per second on stdout, per-connection records at the end.",
     )
     a = p.add_argument
-    a("--url", action="append", required=True, help="destination (repeat for several): ws://H:P/ws?channel=C, http://H:P/lp?channel=C, http://H:P/sse?channel=C")
+    a(
+        "--url",
+        action="append",
+        required=True,
+        help="destination (repeat for several): ws://H:P/ws?channel=C, http://H:P/lp?channel=C, http://H:P/sse?channel=C",
+    )
     a("--session", default="websocket", choices=[k.value for k in SessionKind])
     a("--rate", type=float, default=100.0, help="new connections per second (ramp)")
     a("--connections", type=int, default=100, help="connections to open in the ramp")
     a("--hold", type=float, default=10.0, help="seconds to hold all connections after the ramp")
-    a("--close-rate", type=float, default=None, help="connections closed per second after the hold (default: all at once)")
-    a("--plan", help="JSON plan file with several phases (replaces --rate/--connections/--hold/--close-rate; format in `pydoc lab.agent`)")
-    a("--procs", default="auto", help="load processes: N or auto (enough for the open-file limit and the rate)")
-    a("--source-ips", default="auto", help="source addresses: auto (127.0.0.2.. on loopback as needed), a list A,B or a range A-B")
-    a("--start-at", type=float, default=None, help="common start time (unix seconds) across agent hosts")
-    a("--max-duration", type=float, default=None, help="hard bound in seconds from the start: close everything and exit")
+    a(
+        "--close-rate",
+        type=float,
+        default=None,
+        help="connections closed per second after the hold (default: all at once)",
+    )
+    a(
+        "--plan",
+        help="JSON plan file with several phases (replaces --rate/--connections/--hold/"
+        "--close-rate; format in `pydoc lab.agent`)",
+    )
+    a(
+        "--procs",
+        default="auto",
+        help="load processes: N or auto (enough for the open-file limit and the rate)",
+    )
+    a(
+        "--source-ips",
+        default="auto",
+        help="source addresses: auto (127.0.0.2.. on loopback as needed), a list A,B "
+        "or a range A-B",
+    )
+    a(
+        "--start-at",
+        type=float,
+        default=None,
+        help="common start time (unix seconds) across agent hosts",
+    )
+    a(
+        "--max-duration",
+        type=float,
+        default=None,
+        help="hard bound in seconds from the start: close everything and exit",
+    )
     a("--seed", type=int, default=0, help="seed of Poisson arrivals")
     a("--arrival", default="uniform", choices=[x.value for x in Arrival])
-    a("--subscribe", action="append", default=[], help="websocket: send {\"subscribe\": C} after the upgrade (repeatable)")
-    a("--connect-timeout", type=float, default=10.0, help="seconds from start to connected before outcome timeout")
-    a("--lp-timeout", type=float, default=25.0, help="long-poll timeout asked of the server, seconds")
+    a(
+        "--subscribe",
+        action="append",
+        default=[],
+        help='websocket: send {"subscribe": C} after the upgrade (repeatable)',
+    )
+    a(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from start to connected before outcome timeout",
+    )
+    a(
+        "--lp-timeout",
+        type=float,
+        default=25.0,
+        help="long-poll timeout asked of the server, seconds",
+    )
     a("--publish-url", help="publish to http://H:P/pub/<channel> while the plan runs")
     a("--publish-rate", type=float, default=1.0, help="messages per second")
     a("--publish-token", default=None, help="bearer token for publishing")
     a("--payload-bytes", type=int, default=0, help="pad each published body to this size")
     a("--publish-count", type=int, default=100, help="messages to publish at most")
-    a("--publish-delay", type=float, default=0.0, help="seconds after the start before the first publish")
+    a(
+        "--publish-delay",
+        type=float,
+        default=0.0,
+        help="seconds after the start before the first publish",
+    )
     a("--agent-id", default="a0", help="name of this agent in the streams")
     a("--out", help="also write the JSON lines to this file")
     a("--records", help="per-connection record file to write at the end (.rec)")
@@ -134,13 +199,20 @@ class Merger:
         self.delivery.merge(Histogram.from_json(line["delivery_hist"]))
         self.lag_ms = max(self.lag_ms, float(line.get("lag_ms", 0.0)))
 
-    def line(self, kind: str, publisher: Publisher | None) -> dict[str, Any]:
+    def line(
+        self, kind: str, publisher: Publisher | None, tick: int | None = None
+    ) -> dict[str, Any]:
+        """The merged line for whole second ``tick`` after the start (None: now, the end)."""
         now = time.time()
-        elapsed = now - self.start_at
+        elapsed = float(tick) if tick is not None else round(now - self.start_at, 3)
         lines = list(self.latest.values())
-        out: dict[str, Any] = {"kind": kind, "t": now, "agent": self.agent,
-                               "elapsed_s": round(elapsed, 3),
-                               "planned": self.schedule.planned_by(elapsed)}  # fmt: skip
+        out: dict[str, Any] = {
+            "kind": kind,
+            "t": self.start_at + elapsed,
+            "agent": self.agent,
+            "elapsed_s": elapsed,
+            "planned": self.schedule.planned_by(elapsed),
+        }
         for f in SUM_FIELDS:
             out[f] = sum(int(x.get(f, 0)) for x in lines)
         out["failed"] = {r: sum(int(x["failed"].get(r, 0)) for x in lines) for r in FAILURES}
@@ -153,11 +225,14 @@ class Merger:
             publisher.lag_max_s = 0.0
         out["lag_ms"] = lag
         procs = [{"pid": x["pid"], "cpu_percent": x["cpu_percent"], "uss": x["uss"]} for x in lines]
-        try:
-            procs.append({"pid": self.me.pid, "cpu_percent": self.me.cpu_percent(None),
-                          "uss": self.me.memory_full_info().uss})  # fmt: skip
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):
+            procs.append(
+                {
+                    "pid": self.me.pid,
+                    "cpu_percent": self.me.cpu_percent(None),
+                    "uss": self.me.memory_full_info().uss,
+                }
+            )
         out["procs"] = procs
         out["saturated"] = any(p["cpu_percent"] > SATURATED_CPU_PERCENT for p in procs)
         self.saturated_ever = self.saturated_ever or out["saturated"]
@@ -172,8 +247,14 @@ class Merger:
 class Coordinator:
     """Runs the load processes and the streams (the event-loop side of ``main``)."""
 
-    def __init__(self, args: argparse.Namespace, schedule: Schedule, cfgs: list[ProcConfigJSON],
-                 publish: PublishSpec | None, out: IO[str] | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        schedule: Schedule,
+        cfgs: list[ProcConfigJSON],
+        publish: PublishSpec | None,
+        out: IO[str] | None,
+    ) -> None:
         self.args = args
         self.schedule = schedule
         self.cfgs = cfgs
@@ -193,11 +274,14 @@ class Coordinator:
             self.out.flush()
         if not self.args.quiet and line["kind"] == "agent":
             f = line["failed"]
-            print(f"[agent {line['agent']}] t={line['elapsed_s']:.0f}s planned={line['planned']} "
-                  f"started={line['started']} open={line['open']} closed={line['closed']} "
-                  f"failed={sum(f.values())} lag={line['lag_ms']:.1f}ms "
-                  f"cpu={'/'.join(str(round(p['cpu_percent'])) for p in line['procs'])}%"
-                  f"{' SATURATED' if line['saturated'] else ''}", file=sys.stderr)  # fmt: skip
+            print(
+                f"[agent {line['agent']}] t={line['elapsed_s']:.0f}s planned={line['planned']} "
+                f"started={line['started']} open={line['open']} closed={line['closed']} "
+                f"failed={sum(f.values())} lag={line['lag_ms']:.1f}ms "
+                f"cpu={'/'.join(str(round(p['cpu_percent'])) for p in line['procs'])}%"
+                f"{' SATURATED' if line['saturated'] else ''}",
+                file=sys.stderr,
+            )
 
     def _signal(self, reason: str) -> None:
         if not self.stop_reason:
@@ -225,10 +309,13 @@ class Coordinator:
         args = self.args
         for cfg in self.cfgs:
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "lab.agent.proc",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "lab.agent.proc",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
                 limit=1 << 24,
-            )  # fmt: skip
+            )
             self.children.append(child)
             assert child.stdin is not None
             child.stdin.write((json.dumps(cfg) + "\n").encode())
@@ -245,7 +332,10 @@ class Coordinator:
                 self._signal("failed")
                 for c in self.children:
                     await c.wait()
-                print(f"lab.agent: load process {k} did not start (see its error above)", file=sys.stderr)
+                print(
+                    f"lab.agent: load process {k} did not start (see its error above)",
+                    file=sys.stderr,
+                )
                 return 1
         if self.stop_reason:  # a signal while starting: nothing ran
             for c in self.children:
@@ -253,8 +343,11 @@ class Coordinator:
             return 0
         start_at = args.start_at if args.start_at is not None else time.time() + 0.5
         if start_at < time.time() - 1.0:
-            print(f"lab.agent: --start-at is {time.time() - start_at:.1f}s in the past; "
-                  "the schedule starts behind (see lag_ms)", file=sys.stderr)  # fmt: skip
+            print(
+                f"lab.agent: --start-at is {time.time() - start_at:.1f}s in the past; "
+                "the schedule starts behind (see lag_ms)",
+                file=sys.stderr,
+            )
         self.merger = Merger(args.agent_id, self.schedule, start_at)
         for child in self.children:
             assert child.stdin is not None
@@ -269,9 +362,11 @@ class Coordinator:
         tick = 1
         killed_at: float | None = None
         while not all(w.done() for w in waits):
-            await asyncio.wait(waits, timeout=max(0.0, start_mono + tick + EMIT_DELAY_S - loop.time()))
+            await asyncio.wait(
+                waits, timeout=max(0.0, start_mono + tick + EMIT_DELAY_S - loop.time())
+            )
             if loop.time() >= start_mono + tick + EMIT_DELAY_S and not all(w.done() for w in waits):
-                self.emit(self.merger.line("agent", publisher))
+                self.emit(self.merger.line("agent", publisher, tick))
                 tick = int(loop.time() - start_mono - EMIT_DELAY_S) + 1
             if loop.time() > hard_end and killed_at is None:
                 self._signal("max_duration")
@@ -288,14 +383,19 @@ class Coordinator:
 
     def _end(self, publisher: Publisher | None) -> int:
         assert self.merger is not None
-        crashed = [k for k, c in enumerate(self.children) if c.returncode != 0 or k not in self.reasons]
+        crashed = [
+            k for k, c in enumerate(self.children) if c.returncode != 0 or k not in self.reasons
+        ]
         reasons = set(self.reasons.values())
         line = self.merger.line("agent_end", publisher)
         line["saturated_any"] = self.merger.saturated_ever
         if crashed:
-            line["outcome"], line["reason"] = "failed", (
-                f"load process(es) {crashed} exited without finishing "
-                f"(codes {[self.children[k].returncode for k in crashed]})"
+            line["outcome"], line["reason"] = (
+                "failed",
+                (
+                    f"load process(es) {crashed} exited without finishing "
+                    f"(codes {[self.children[k].returncode for k in crashed]})"
+                ),
             )
         elif self.stop_reason == "signal" or "signal" in reasons:
             line["outcome"], line["reason"] = "interrupted", "signal"
@@ -320,7 +420,9 @@ class Coordinator:
                 Path(part).unlink()
 
 
-def prepare(args: argparse.Namespace) -> tuple[Schedule, list[ProcConfigJSON], PublishSpec | None, list[str]]:
+def prepare(
+    args: argparse.Namespace,
+) -> tuple[Schedule, list[ProcConfigJSON], PublishSpec | None, list[str]]:
     """Everything decided before any process or connection: the plan, its capacity, the
     process configs. Raises UsageError / CapacityError with the fix."""
     kind = SessionKind(args.session)
@@ -363,19 +465,33 @@ def prepare(args: argparse.Namespace) -> tuple[Schedule, list[ProcConfigJSON], P
     publish = None
     if args.publish_url:
         try:
-            publish = PublishSpec(args.publish_url, args.publish_rate, args.publish_count,
-                                  args.publish_token, args.payload_bytes, args.publish_delay)  # fmt: skip
+            publish = PublishSpec(
+                args.publish_url,
+                args.publish_rate,
+                args.publish_count,
+                args.publish_token,
+                args.payload_bytes,
+                args.publish_delay,
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     cfgs: list[ProcConfigJSON] = [
         {
-            "proc": k, "procs": procs, "agent": args.agent_id, "session": kind.value,
-            "urls": list(args.url), "source_ips": sources, "phases": phases_to_json(phases),
-            "arrival": arrival, "seed": int(seed), "max_duration_s": args.max_duration,
-            "connect_timeout_s": args.connect_timeout, "subscribe": list(args.subscribe),
+            "proc": k,
+            "procs": procs,
+            "agent": args.agent_id,
+            "session": kind.value,
+            "urls": list(args.url),
+            "source_ips": sources,
+            "phases": phases_to_json(phases),
+            "arrival": arrival,
+            "seed": int(seed),
+            "max_duration_s": args.max_duration,
+            "connect_timeout_s": args.connect_timeout,
+            "subscribe": list(args.subscribe),
             "records_path": f"{args.records}.p{k}" if args.records else None,
             "lp_timeout_s": args.lp_timeout,
-        }  # fmt: skip
+        }
         for k in range(procs)
     ]
     return schedule, cfgs, publish, warnings
@@ -393,8 +509,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for w in warnings:
         print(f"lab.agent: warning: {w}", file=sys.stderr)
     if not args.quiet:
-        print(f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es), "
-              f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s", file=sys.stderr)  # fmt: skip
+        print(
+            f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es), "
+            f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s",
+            file=sys.stderr,
+        )
     out = open(args.out, "a", encoding="utf-8") if args.out else None  # noqa: SIM115
     try:
         import uvloop

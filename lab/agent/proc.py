@@ -16,13 +16,14 @@ SIGTERM / SIGINT (or ``max_duration_s``): stop launching, close every connection
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import errno
 import gc
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any, TypedDict
@@ -99,10 +100,14 @@ class LoadProcess:
         self.records = Records(n, proc=self.proc, procs=self.procs, agent=str(cfg.get("agent", "")))
         kind = SessionKind(cfg.get("session", "websocket"))
         self.targets: list[Target] = [
-            make_target(u, kind, lp_timeout_s=float(cfg.get("lp_timeout_s", 25.0))) for u in cfg["urls"]
+            make_target(u, kind, lp_timeout_s=float(cfg.get("lp_timeout_s", 25.0)))
+            for u in cfg["urls"]
         ]
         self.sources: list[str | None] = list(cfg.get("source_ips") or [None])
         self.client_cls = CLIENTS[kind]
+        self.slow_connect = kind is SessionKind.LONGPOLL
+        self.n_sources = len(self.sources)
+        self.pairs = self.n_sources * len(self.targets)
         self.sh = Shared(self.records, tuple(cfg.get("subscribe") or ()))
         self.close_order = sorted(range(n), key=self.sched.close_s.__getitem__)
         self.connect_timeout_s = float(cfg.get("connect_timeout_s", 10.0))
@@ -114,6 +119,7 @@ class LoadProcess:
         self.tick = 0
         self.start_at = 0.0
         self.t0 = 0.0  # loop.time() at start_at
+        self.mono0 = 0.0  # time.monotonic() at start_at
         self.loop: asyncio.AbstractEventLoop | None = None
         self.done: asyncio.Event | None = None
         self.ps = psutil.Process()
@@ -121,8 +127,12 @@ class LoadProcess:
 
     # -- schedule ---------------------------------------------------------------------------
     def _elapsed(self) -> float:
-        assert self.loop is not None
-        return self.loop.time() - self.t0
+        return time.monotonic() - self.mono0
+
+    def _unix(self) -> float:
+        """Now in unix seconds on the start's scale (monotonic since the start: records are
+        never earlier than their scheduled time through clock noise)."""
+        return self.start_at + (time.monotonic() - self.mono0)
 
     def _pump(self) -> None:
         """Open and close everything that is due, then arm the timer for the next event."""
@@ -166,40 +176,46 @@ class LoadProcess:
         loop.call_at(self.t0 + nxt, self._pump)
 
     def _launch(self, i: int) -> None:
+        """Start connection ``i``: a raw socket bound to its source address without a port
+        (IP_BIND_ADDRESS_NO_PORT: the kernel picks the port per 4-tuple at connect time), a
+        non-blocking connect, and the transport at once (writes wait for the connection)."""
         sh = self.sh
         g = i * self.procs + self.proc  # agent-wide index: spreads over (source, destination)
-        pairs = len(self.sources) * len(self.targets)
-        pair = g % pairs
-        src = self.sources[pair % len(self.sources)]
-        tgt = self.targets[pair // len(self.sources)]
+        pair = g % self.pairs
+        src = self.sources[pair % self.n_sources]
+        tgt = self.targets[pair // self.n_sources]
         rec = self.records
-        rec.started[i] = time.time()
+        rec.started[i] = self._unix()
         rec.outcome[i] = Outcome.PENDING
         sh.counters.started += 1
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in tgt.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock = _socket.socket(tgt.family, _socket.SOCK_STREAM)
         except OSError as exc:
             sh.fail(i, classify(exc))
             return
         try:
             sock.setblocking(False)
             if src is not None:
-                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.setsockopt(_socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((src, 0))
+            if not self.slow_connect:
+                rc = sock.connect_ex(tgt.addr)
+                if rc and rc != errno.EINPROGRESS:
+                    raise OSError(rc, os.strerror(rc))
         except OSError as exc:
             sock.close()
             sh.fail(i, classify(exc))
             return
         client = self.client_cls(sh, i, tgt)
         sh.conns[i] = client
-        task = asyncio.ensure_future(self._connect(i, sock, tgt, client))
-        sh.pending[i] = task
+        sh.pending[i] = asyncio.ensure_future(self._connect(i, sock, tgt, client))
 
-    async def _connect(self, i: int, sock: socket.socket, tgt: Target, client: Any) -> None:
+    async def _connect(self, i: int, sock: Any, tgt: Target, client: Any) -> None:
         loop = self.loop
         assert loop is not None
         try:
-            await loop.sock_connect(sock, tgt.addr)
+            if self.slow_connect:  # long-poll: "connected" means the TCP handshake is done
+                await loop.sock_connect(sock, tgt.addr)
             await loop.create_connection(lambda: client, sock=sock)
         except asyncio.CancelledError:
             sock.close()
@@ -223,7 +239,7 @@ class LoadProcess:
             client.close()
 
     def _sweep_timeouts(self) -> None:
-        limit = time.time() - self.connect_timeout_s
+        limit = self._unix() - self.connect_timeout_s
         started = self.records.started
         for i, obj in list(self.sh.pending.items()):
             if started[i] < limit:
@@ -253,7 +269,13 @@ class LoadProcess:
             "open": c.open,
             "closed": c.closed,
             "dropped": c.dropped,
-            "failed": dict(zip(("refused", "timeout", "reset", "no_port", "no_files", "http", "other"), c.failed, strict=True)),
+            "failed": dict(
+                zip(
+                    ("refused", "timeout", "reset", "no_port", "no_files", "http", "other"),
+                    c.failed,
+                    strict=True,
+                )
+            ),
             "msgs_in": c.msgs_in,
             "msgs_out": c.msgs_out,
             "bytes_in": c.bytes_in,
@@ -328,6 +350,8 @@ class LoadProcess:
         now = time.time()
         self.start_at = start_at
         self.t0 = loop.time() + (start_at - now)
+        self.mono0 = time.monotonic() + (start_at - now)
+        self.sh.clock = self._unix
         sched = self.sched
         for i in range(len(sched)):
             self.records.scheduled[i] = start_at + sched.open_s[i]
@@ -351,27 +375,26 @@ class LoadProcess:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one load process (started by the coordinator, configured on stdin)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop handles it
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator forwards it as SIGTERM
     raise_nofile_soft_limit()
     cfg: ProcConfigJSON = json.loads(sys.stdin.readline())
     lp = LoadProcess(cfg)
     gc.collect()
     gc.freeze()  # the setup's objects never need scanning again
+    # held connections are long-lived: collect young objects rarely, old ones almost never
     gc.set_threshold(50_000, 50, 1000)
-    sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
-    sys.stdout.flush()
-    line = sys.stdin.readline()
-    if not line:
-        return 0  # the coordinator went away before the start
-    start_at = float(json.loads(line)["start_at"])
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a core dependency
-        runner = asyncio.run
-    try:
-        runner(lp.run(start_at))
+        # stopped before the start: every row is written as not_started
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0  # the coordinator went away before the start
+        start_at = float(json.loads(line)["start_at"])
+        uvloop.run(lp.run(start_at))
     finally:
         lp.save_records()
     return 0

@@ -10,6 +10,7 @@ sends at once and the lag shows in ``lag_ms``. Bounded by ``count`` and by ``sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -124,10 +125,8 @@ class Publisher:
             due = t_first + seq / spec.rate_per_s
             wait = due - loop.time()
             if wait > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), wait)
-                except TimeoutError:
-                    pass
             if self._stop.is_set():
                 break
             self.lag_max_s = max(self.lag_max_s, loop.time() - due)
@@ -152,9 +151,7 @@ class Publisher:
                 continue
             self.msgs_out += 1
             self.bytes_out += len(req)
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 self.last_id = int(json.loads(conn.body)["id"])
-            except (ValueError, KeyError, TypeError):
-                pass
         if conn is not None and conn.tr is not None:
             conn.tr.close()

@@ -25,6 +25,7 @@ import base64
 import enum
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +33,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httptools
 from websockets.frames import Close, Frame, Opcode
-
-OP_CONT, OP_TEXT, OP_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
-OP_CLOSE, OP_PING, OP_PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 from websockets.streams import StreamReader
 from websockets.utils import accept_key
 
 from lab.agent.records import Outcome, Records
 from lab.histogram import Histogram
+
+OP_CONT, OP_TEXT, OP_BINARY = Opcode.CONT, Opcode.TEXT, Opcode.BINARY
+OP_CLOSE, OP_PING, OP_PONG = Opcode.CLOSE, Opcode.PING, Opcode.PONG
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 WINDOW = 64  # ids remembered per channel for duplicate / reorder detection
@@ -73,6 +74,7 @@ class Target:
     channel: str
     request: bytes  # the first request (upgrade / SSE / first long-poll)
     accept: bytes  # expected Sec-WebSocket-Accept (websocket kinds)
+    family: int = socket.AF_INET
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -84,9 +86,11 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
     parts = urlsplit(url)
     want = {"ws", "wss"} if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC) else {"http"}
     if parts.scheme not in want:
+        path = {SessionKind.LONGPOLL: "lp", SessionKind.SSE: "sse"}.get(kind, "ws")
+        example = f"{'ws' if 'ws' in want else 'http'}://127.0.0.1:8080/{path}?channel=bench"
         raise ValueError(
             f"--url {url!r}: session {kind.value} needs a {'/'.join(sorted(want))}:// URL "
-            f"(e.g. {'ws://127.0.0.1:8080/ws?channel=bench' if 'ws' in want else 'http://127.0.0.1:8080/' + ('lp' if kind is SessionKind.LONGPOLL else 'sse') + '?channel=bench'})"
+            f"(e.g. {example})"
         )
     if parts.scheme == "wss":
         raise ValueError(f"--url {url!r}: TLS (wss://) is not supported; use ws://")
@@ -118,7 +122,8 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
     else:
         q = urlencode({"channel": channel, "timeout": lp_timeout_s})
         request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
-    return Target(kind, host, port, path, query, channel, request, accept)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return Target(kind, host, port, path, query, channel, request, accept, family)
 
 
 class Counters:
@@ -153,9 +158,10 @@ class Shared:
     """What every connection of a process shares: counters, histograms, records, settings."""
 
     __slots__ = (
+        "clock",
         "close_frame",
-        "conns",
         "connect_hist",
+        "conns",
         "counters",
         "delivery_hist",
         "pending",
@@ -165,6 +171,7 @@ class Shared:
 
     def __init__(self, records: Records, subscribe: tuple[str, ...] = ()) -> None:
         self.records = records
+        self.clock = time.time  # unix seconds for the records; the process maps its monotonic clock
         self.counters = Counters()
         self.connect_hist = Histogram("us")
         self.delivery_hist = Histogram("us")
@@ -172,7 +179,8 @@ class Shared:
         self.pending: dict[int, Any] = {}  # index -> connect task or handshaking client
         self.close_frame = Frame(OP_CLOSE, Close(1000, "").serialize()).serialize(mask=True)
         self.subscribe_frames = b"".join(
-            Frame(OP_TEXT, json.dumps({"subscribe": ch}).encode()).serialize(mask=True) for ch in subscribe
+            Frame(OP_TEXT, json.dumps({"subscribe": ch}).encode()).serialize(mask=True)
+            for ch in subscribe
         )
 
     def fail(self, i: int, outcome: Outcome) -> None:
@@ -182,7 +190,7 @@ class Shared:
             self.counters.dropped += 1
             self.counters.open -= 1
             self.counters.closed += 1
-            rec.closed[i] = time.time()
+            rec.closed[i] = self.clock()
         elif Outcome.REFUSED <= outcome <= Outcome.OTHER:
             self.counters.failed[outcome - Outcome.REFUSED] += 1
         rec.outcome[i] = outcome
@@ -190,7 +198,7 @@ class Shared:
         self.conns[i] = None
 
     def connected(self, i: int) -> None:
-        now = time.time()
+        now = self.clock()
         rec = self.records
         rec.connected[i] = now
         rec.outcome[i] = Outcome.OK
@@ -286,7 +294,7 @@ class Client(asyncio.Protocol):
             return
         self.st = State.CLOSING
         sh = self.sh
-        sh.records.closed[self.i] = time.time()
+        sh.records.closed[self.i] = sh.clock()
         sh.counters.closed += 1
         sh.counters.open -= 1
         self._send_close()
@@ -299,7 +307,8 @@ class Client(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.st < State.CLOSING:
-            self.fail(Outcome.RESET)
+            # before the upgrade: why the connect failed (refused, ...); after: a drop
+            self.fail(classify(exc) if exc is not None and self.st < State.OPEN else Outcome.RESET)
         self.st = State.DONE
         self.sh.conns[self.i] = None
         self.sh.pending.pop(self.i, None)
@@ -366,7 +375,11 @@ class WebSocketClient(Client):
         aux = self.aux
         if aux is None:
             reader = StreamReader()
-            aux = self.aux = [reader, Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES), None]
+            aux = self.aux = [
+                reader,
+                Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES),
+                None,
+            ]
         reader, gen = aux[0], aux[1]
         reader.feed_data(data)
         while True:
@@ -395,14 +408,19 @@ class WebSocketClient(Client):
                 aux = self.aux
                 if aux is None:  # keep the partial message beside an (empty) reader
                     reader = StreamReader()
-                    aux = self.aux = [reader, Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES), None]
+                    aux = self.aux = [
+                        reader,
+                        Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES),
+                        None,
+                    ]
                 aux[2] = data if aux[2] is None else aux[2] + data
                 if not frame.fin:
                     return
                 data, aux[2] = aux[2], None
-            self.sh.counters.msgs_in += 1
             if self.tgt.kind is SessionKind.WEBSOCKET:
-                self._message(data)
+                self._message(data)  # counts envelopes only, not command replies
+            else:
+                self.sh.counters.msgs_in += 1
         elif op is OP_PING:
             pong = Frame(OP_PONG, frame.data).serialize(mask=True)
             self.tr.write(pong)
@@ -414,7 +432,7 @@ class WebSocketClient(Client):
             self.tr.write(self.sh.close_frame)
             self.fail(Outcome.RESET)
 
-    def _message(self, data: bytes | bytearray) -> None:
+    def _message(self, data: Any) -> None:
         try:
             env = json.loads(data)
         except ValueError:
@@ -423,6 +441,7 @@ class WebSocketClient(Client):
             return
         mid = env.get("id")
         if isinstance(mid, int) and "channel" in env:
+            self.sh.counters.msgs_in += 1
             if self.chs is None:
                 self.chs = {}
             self.sh.track(self.chs, str(env["channel"]), mid, env.get("data"))
@@ -549,7 +568,7 @@ class SSEClient(Client):
             return
         if line[:1] == b":":
             return
-        name, sep, value = line.partition(b":")
+        name, _, value = line.partition(b":")
         if value[:1] == b" ":
             value = value[1:]
         if name == b"data":

@@ -116,7 +116,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=DEFAULT_MAX_CONNECTIONS,
-        help=f"connections the server should hold, sizes --workers auto (default {DEFAULT_MAX_CONNECTIONS})",
+        help="connections the server should hold; sizes --workers auto "
+        f"(default {DEFAULT_MAX_CONNECTIONS})",
     )
     p.add_argument(
         "--publish-token",
@@ -128,7 +129,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--history",
         type=int,
         default=DEFAULT_HISTORY,
-        help=f"messages kept per channel for long-poll since / SSE Last-Event-ID (default {DEFAULT_HISTORY})",
+        help="messages kept per channel for long-poll since / SSE Last-Event-ID "
+        f"(default {DEFAULT_HISTORY})",
     )
     p.add_argument(
         "--max-message-bytes",

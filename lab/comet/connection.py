@@ -1,6 +1,5 @@
-"""The per-connection I/O adapters of a worker: ``HttpConn`` (HTTP/1.1 parsed by httptools:
-long-poll, SSE, publish, stats, health, and the WebSocket upgrade) and ``WsConn`` (an
-upgraded WebSocket, frames parsed by websockets' sans-I/O protocol).
+"""The HTTP side of a worker's connections: ``HttpConn`` (HTTP/1.1 parsed by httptools:
+long-poll, SSE, publish, stats, health, and the WebSocket upgrade to ``WsConn``).
 
 Memory is the point: an idle WebSocket is a ``WsConn`` with four slots and an entry in its
 channels' subscriber sets. The HTTP parser is dropped at the upgrade (``set_protocol``), and
@@ -10,21 +9,15 @@ the websockets frame parser (``WsReader``) exists only while a client is actuall
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import enum
 from typing import TYPE_CHECKING, cast
 
 import httptools
-from websockets.frames import Opcode
-from websockets.protocol import Protocol, Side, State
 from websockets.utils import accept_key
 
 from lab.comet.protocol import (
-    CLOSE_GOING_AWAY,
-    CLOSE_UNSUPPORTED_DATA,
     SSE_HEAD,
-    BadFrame,
     HttpError,
     Outgoing,
     Route,
@@ -32,18 +25,16 @@ from lab.comet.protocol import (
     error_body,
     http_response,
     lp_body,
-    parse_command,
     parse_target,
-    ws_close_frame,
-    ws_text_frame,
 )
+from lab.comet.websocket import WsConn
 
 if TYPE_CHECKING:
     from lab.comet.worker import Worker
 
-# Seconds a closing WebSocket gets to answer our close frame before the TCP connection is cut.
-CLOSE_TIMEOUT_S = 5.0
-GOING_AWAY_FRAME = ws_close_frame(CLOSE_GOING_AWAY, "server shutting down")
+# Seconds an HTTP connection answered with an error keeps reading (and discarding) what the
+# client still sends, so that closing does not reset the connection before it reads the answer.
+LINGER_S = 2.0
 _EMPTY: tuple[str, ...] = ()
 
 
@@ -67,13 +58,15 @@ class Request:
     __slots__ = (
         "auth",
         "body",
+        "content_length",
+        "expect",
         "keep_alive",
         "last_event_id",
         "method",
         "upgrade",
+        "upgrade_header",
         "url",
         "ws_key",
-        "ws_upgrade",
         "ws_version",
     )
 
@@ -81,13 +74,28 @@ class Request:
         self.method = ""
         self.url = ""
         self.upgrade = False
-        self.ws_upgrade = False
+        # raw values of the headers the server reads (see _HEADER_FIELDS)
+        self.upgrade_header: bytes | None = None
         self.ws_key: bytes | None = None
         self.ws_version: bytes | None = None
         self.auth: bytes | None = None
-        self.last_event_id: str | None = None
+        self.last_event_id: bytes | None = None
+        self.content_length: bytes | None = None
+        self.expect: bytes | None = None
         self.body = b""
         self.keep_alive = False
+
+
+# lower-cased header name -> the Request slot that keeps its raw value
+_HEADER_FIELDS = {
+    b"upgrade": "upgrade_header",
+    b"sec-websocket-key": "ws_key",
+    b"sec-websocket-version": "ws_version",
+    b"authorization": "auth",
+    b"last-event-id": "last_event_id",
+    b"content-length": "content_length",
+    b"expect": "expect",
+}
 
 
 class HttpConn(asyncio.Protocol):
@@ -133,12 +141,12 @@ class HttpConn(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        tcp = self.transport = cast(asyncio.Transport, transport)
         worker = self.worker
         worker.connects += 1
         worker.conns.add(self)
         if len(worker.conns) > worker.max_conns or worker.stopping:
-            transport.abort()
+            tcp.abort()
             return
         self.parser = httptools.HttpRequestParser(self)
 
@@ -148,6 +156,9 @@ class HttpConn(asyncio.Protocol):
             worker.conns.discard(self)
             worker.closes += 1
         self._leave_channels()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.parser = None
         self.transport = None
         self.queue.clear()
@@ -158,9 +169,6 @@ class HttpConn(asyncio.Protocol):
             return
         if self.in_head:
             self.raw_head += len(data)
-            if self.raw_head > 2 * self.worker.max_head_bytes:
-                self._fail(431, f"request head over {self.worker.max_head_bytes} bytes")
-                return
         leftover: bytes | None = None
         try:
             parser.feed_data(data)
@@ -171,6 +179,10 @@ class HttpConn(asyncio.Protocol):
                 self._fail(*self.error)
             else:
                 self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self.in_head and self.raw_head > self.worker.max_head_bytes:
+            # the head is still incomplete after this many bytes (llhttp buffers partial lines)
+            self._fail(431, f"request head over {self.worker.max_head_bytes} bytes")
             return
         self._process(leftover)
 
@@ -191,32 +203,26 @@ class HttpConn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > self.worker.max_head_bytes:
-            self._count_head(0)
-        name = name.lower()
-        req = self.req
-        assert req is not None
-        if name == b"sec-websocket-key":
-            req.ws_key = value
-        elif name == b"upgrade":
-            req.ws_upgrade = b"websocket" in value.lower()
-        elif name == b"sec-websocket-version":
-            req.ws_version = value
-        elif name == b"authorization":
-            req.auth = value
-        elif name == b"last-event-id":
-            req.last_event_id = value.decode("latin-1")
-        elif name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                length = 0
-            if length > self.worker.max_message_bytes:
-                self.error = (413, self._too_large())
-                raise HeadTooLarge
+        field = _HEADER_FIELDS.get(name.lower())
+        if field is not None:
+            setattr(self.req, field, value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.head_bytes > self.worker.max_head_bytes:
+            self._count_head(0)
+        length = self.req.content_length if self.req is not None else None
+        if length is not None:
+            try:
+                too_large = int(length) > self.worker.max_message_bytes
+            except ValueError:
+                too_large = False  # llhttp rejects a bad Content-Length itself
+            if too_large:
+                self.error = (413, self._too_large())
+                raise HeadTooLarge
+        expect = self.req.expect if self.req is not None else None
+        if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -262,7 +268,10 @@ class HttpConn(asyncio.Protocol):
         worker.messages += 1
         self.keep = req.keep_alive
         try:
-            target = parse_target(req.method, req.url, req.last_event_id)
+            last_event_id = req.last_event_id
+            target = parse_target(
+                req.method, req.url, last_event_id.decode("latin-1") if last_event_id else None
+            )
         except HttpError as exc:
             self._fail(exc.status, exc.message)
             return
@@ -294,7 +303,7 @@ class HttpConn(asyncio.Protocol):
         if target.route is not Route.WS:
             self._fail(400, f"only /ws accepts an upgrade, not {target.route.value}")
             return
-        if not req.ws_upgrade:
+        if req.upgrade_header is None or b"websocket" not in req.upgrade_header.lower():
             self._fail(400, "Upgrade header must be 'websocket'")
             return
         if req.ws_version != b"13":
@@ -302,7 +311,7 @@ class HttpConn(asyncio.Protocol):
             return
         key = req.ws_key
         try:
-            if key is None or len(base64.b64decode(key, validate=True)) != 16:
+            if key is None or len(binascii.a2b_base64(key, strict_mode=True)) != 16:
                 raise ValueError
         except (ValueError, binascii.Error):
             self._fail(400, "Sec-WebSocket-Key must be 16 bytes in base64")
@@ -314,6 +323,7 @@ class HttpConn(asyncio.Protocol):
             b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key.decode("ascii")).encode()
         )
         ws = WsConn(worker, transport, worker.channel_tuple(target.channels))
+        transport.set_write_buffer_limits(high=worker.max_buffer_bytes)
         for channel in ws.channels:
             worker.hub.subscribe(ws, channel)
         worker.conns.discard(self)
@@ -458,148 +468,11 @@ class HttpConn(asyncio.Protocol):
             return
         self.worker.errors += 1
         transport.write(http_response(status, error_body(message), extra=extra))
-        transport.close()
-
-
-class WsReader:
-    """Frame parsing state of a WebSocket that is sending: websockets' sans-I/O protocol plus
-    the fragments of a message in progress. Dropped again when the connection goes quiet."""
-
-    __slots__ = ("opcode", "parts", "proto", "timer")
-
-    def __init__(self, max_message_bytes: int) -> None:
-        self.proto = Protocol(Side.SERVER, state=State.OPEN, max_size=max_message_bytes)
-        self.parts: list[bytes] = []
-        self.opcode = Opcode.TEXT
-        self.timer: asyncio.TimerHandle | None = None
-
-    def idle(self) -> bool:
-        proto = self.proto
-        return (
-            proto.state is State.OPEN
-            and proto.current_size is None
-            and not proto.reader.buffer
-            and not self.parts
-        )
-
-
-class WsConn(asyncio.Protocol):
-    """An upgraded WebSocket subscriber. Idle, it holds only these four slots."""
-
-    __slots__ = ("channels", "reader", "transport", "worker")
-
-    def __init__(self, worker: Worker, transport: asyncio.Transport, channels: tuple[str, ...]):
-        self.worker = worker
-        self.transport: asyncio.Transport | None = transport
-        self.channels = channels
-        self.reader: WsReader | None = None
-
-    def deliver(self, out: Outgoing) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.write(out.ws_frame)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        worker = self.worker
-        if self in worker.conns:
-            worker.conns.discard(self)
-            worker.closes += 1
-        hub = worker.hub
-        for channel in self.channels:
-            hub.unsubscribe(self, channel)
-        self.channels = _EMPTY
-        reader = self.reader
-        if reader is not None and reader.timer is not None:
-            reader.timer.cancel()
-        self.reader = None
-        self.transport = None
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        transport = self.transport
-        if transport is None:
-            return
-        if reader is None:
-            if self.worker.stopping:
-                # We already sent the going-away close frame: this is the client's answer.
-                transport.close()
-                return
-            reader = self.reader = WsReader(self.worker.max_message_bytes)
-        proto = reader.proto
-        proto.receive_data(data)
-        for frame in proto.events_received():
-            opcode = frame.opcode
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                if frame.fin:
-                    self._message(opcode, bytes(frame.data))
-                else:
-                    reader.opcode = opcode
-                    reader.parts = [bytes(frame.data)]
-            elif opcode is Opcode.CONT:
-                reader.parts.append(bytes(frame.data))
-                if frame.fin:
-                    parts, reader.parts = reader.parts, []
-                    self._message(reader.opcode, b"".join(parts))
-            if self.transport is None or proto.state is not State.OPEN:
-                break
-        self._flush(reader)
-        if self.reader is not None and reader.idle():
-            self.reader = None
-
-    def _message(self, opcode: Opcode, payload: bytes) -> None:
-        worker = self.worker
-        worker.messages += 1
-        try:
-            if opcode is Opcode.BINARY:
-                raise BadFrame(
-                    CLOSE_UNSUPPORTED_DATA, "binary frames are not supported; send JSON text"
-                )
-            try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadFrame(1007, "text frame is not UTF-8") from None
-            command = parse_command(text)
-        except BadFrame as exc:
-            worker.errors += 1
-            self.close(exc.code, exc.reason)
-            return
-        channel = worker.intern_channel(command.channel)
-        if command.action.value == "subscribe":
-            if channel not in self.channels:
-                self.channels = worker.channel_tuple((*self.channels, channel))
-                worker.hub.subscribe(self, channel)
-        elif channel in self.channels:
-            self.channels = worker.channel_tuple(tuple(c for c in self.channels if c != channel))
-            worker.hub.unsubscribe(self, channel)
-        if self.transport is not None:
-            self.transport.write(ws_text_frame(command.reply()))
-
-    def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake with ``code``; cut the TCP connection if the client
-        does not answer within CLOSE_TIMEOUT_S."""
-        transport = self.transport
-        if transport is None:
-            return
-        reader = self.reader
-        if reader is None:
-            if code == CLOSE_GOING_AWAY:
-                transport.write(GOING_AWAY_FRAME)
-                return
-            reader = self.reader = WsReader(self.worker.max_message_bytes)
-        if reader.proto.state is State.OPEN:
-            reader.proto.send_close(code, reason)
-            self._flush(reader)
-
-    def _flush(self, reader: WsReader) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        proto = reader.proto
-        for out in proto.data_to_send():
-            if out:
-                transport.write(out)
-            else:
-                transport.close()
-                return
-        if proto.close_expected() and reader.timer is None:
-            reader.timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
+        if self.timer is not None:
+            self.timer.cancel()
+        if transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            self.timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+        else:
+            transport.close()

@@ -4,6 +4,7 @@ and other roles' tests that need a real server (``with ServerProcess(workers=2) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -121,10 +122,8 @@ class ServerProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             for pid in self.worker_pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             self.proc.kill()
             self.proc.wait(10)
 

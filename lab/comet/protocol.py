@@ -339,7 +339,9 @@ def _since(value: str | None) -> int | None:
     try:
         since = int(value)
     except ValueError:
-        raise HttpError(400, f"since/Last-Event-ID must be an integer id, got {value[:40]!r}")
+        raise HttpError(
+            400, f"since/Last-Event-ID must be an integer id, got {value[:40]!r}"
+        ) from None
     if since < 0:
         raise HttpError(400, "since/Last-Event-ID must be >= 0")
     return since
@@ -364,7 +366,7 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
             raise HttpError(
                 404, f"no such path {path[:60]!r}; try /ws, /lp, /sse, /pub/<channel>, /stats"
             ) from None
-    if method != _METHODS[route] and not (method == "HEAD" and _METHODS[route] == "GET"):
+    if method != _METHODS[route]:
         raise HttpError(405, f"{route.value} takes {_METHODS[route]}, not {method}")
     if route is Route.PUB:
         channel = unquote(path[len("/pub/") :])
@@ -418,6 +420,7 @@ def http_response(
         lines.append(f"Content-Type: {content_type}")
         lines.append(f"Content-Length: {len(body)}")
     lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
+    lines.append("Access-Control-Allow-Origin: *")
     lines.extend(f"{k}: {v}" for k, v in extra)
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head + body if status != 204 else head
@@ -429,5 +432,5 @@ def error_body(message: str) -> bytes:
 
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-    b"Connection: close\r\nX-Accel-Buffering: no\r\n\r\n"
+    b"Connection: close\r\nX-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n\r\n"
 )

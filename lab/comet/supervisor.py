@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -250,6 +251,13 @@ class Supervisor:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.config.host, self.config.port))
         self.port = sock.getsockname()[1]
+        if self.config.port and _something_listens(self.config.host, self.port):
+            sock.close()
+            raise OSError(
+                errno.EADDRINUSE,
+                "another server already listens there (SO_REUSEPORT would share the port "
+                "silently); stop it (`pgrep -af lab.comet`)",
+            )
         return sock
 
     async def run(self) -> int:
@@ -306,6 +314,15 @@ class Supervisor:
             return 2
         print("lab.comet: stopped", file=sys.stderr, flush=True)
         return 0
+
+
+def _something_listens(host: str, port: int) -> bool:
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((target, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -21,9 +22,10 @@ import time
 from typing import Any, cast
 
 from lab.comet.config import WorkerConfig
-from lab.comet.connection import CLOSE_GOING_AWAY, HttpConn, WsConn
+from lab.comet.connection import HttpConn
 from lab.comet.ipc import Decoder, IpcError, encode
-from lab.comet.protocol import Hub, Message, Outgoing, ws_ping_frame
+from lab.comet.protocol import CLOSE_GOING_AWAY, Hub, Message, Outgoing, ws_ping_frame
+from lab.comet.websocket import WsConn
 from lab.limits import raise_nofile_soft_limit
 
 log = logging.getLogger("lab.comet.worker")
@@ -89,6 +91,8 @@ class Worker:
         self.max_conns = config.max_conns
         self.max_message_bytes = config.max_message_bytes
         self.max_head_bytes = config.max_head_bytes
+        # Unsent bytes a WebSocket may queue before it counts as too slow and is cut.
+        self.max_buffer_bytes = max(4 << 20, 4 * config.max_message_bytes)
         token = config.publish_token
         self.token_header = f"Bearer {token}".encode() if token else None
         self.connects = 0
@@ -142,9 +146,17 @@ class Worker:
         op = message["op"]
         if op == "msg":
             msg = Message(message["ch"], message["id"], message["data"])
-            out = Outgoing(msg)
-            for sub in self.hub.record(msg):
-                sub.deliver(out)
+            subscribers = self.hub.record(msg)
+            if subscribers:
+                out = Outgoing(msg)
+                frame = out.ws_frame  # serialized once, the same bytes to every WebSocket
+                for sub in subscribers:
+                    if type(sub) is WsConn:
+                        transport = sub.transport
+                        if transport is not None:
+                            transport.write(frame)
+                    else:
+                        sub.deliver(out)
             if message.get("w") == self.pid:
                 conn = self.pending.pop(message["req"], None)
                 if conn is not None:
@@ -226,7 +238,7 @@ class Worker:
         self.link = link
         sock = self._listen_socket()
         self.server = await loop.create_server(
-            lambda: HttpConn(self), sock=sock, backlog=self.config.backlog
+            functools.partial(HttpConn, self), sock=sock, backlog=self.config.backlog
         )
         link.send({"op": "ready", "pid": self.pid, "worker": self.index})
         gc.collect()
@@ -262,7 +274,7 @@ class Worker:
         if self.server is not None:
             self.server.close()
         for conn in list(self.conns):
-            if type(conn) is WsConn:
+            if isinstance(conn, WsConn):
                 conn.close(CLOSE_GOING_AWAY, "server shutting down")
             else:
                 conn.shutdown()

@@ -1,0 +1,238 @@
+"""lab.agent as a program: signals, records, several processes, plan files, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.agent.records import read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def comet() -> Iterator[int]:
+    port = free_port()
+    p = subprocess.Popen(
+        [PY, "-m", "lab.comet", "--port", str(port), "--workers", "1", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or p.poll() is not None:
+                p.kill()
+                pytest.fail("lab.comet did not become healthy")
+            time.sleep(0.1)
+    yield port
+    p.terminate()
+    p.wait(15)
+
+
+def test_sigterm_mid_ramp_flushes_lines_and_records(comet: int, tmp_path: Path) -> None:
+    rec, out = tmp_path / "a.rec", tmp_path / "a.jsonl"
+    p = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "lab.agent",
+            "--url",
+            f"ws://127.0.0.1:{comet}/ws?channel=s",
+            "--rate",
+            "200",
+            "--connections",
+            "3000",
+            "--hold",
+            "5",
+            "--procs",
+            "2",
+            "--records",
+            str(rec),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.stdout is not None
+    first = json.loads(p.stdout.readline())  # one second into the ramp
+    assert first["kind"] == "agent" and first["started"] > 0
+    p.send_signal(signal.SIGTERM)
+    rest = [json.loads(x) for x in p.stdout]
+    assert p.wait(30) == 0
+    end = rest[-1]
+    assert end["kind"] == "agent_end"
+    assert (end["outcome"], end["reason"]) == ("interrupted", "signal")
+    assert end["open"] == 0 and end["closed"] == end["connected"]
+    assert len(out.read_text().splitlines()) == 1 + len(rest)
+    r = read_records(rec)
+    assert len(r["conn"]) == 3000  # every scheduled connection has a row
+    assert sorted(r["conn"]) == list(range(3000))
+    assert set(r["proc"]) == {0, 1}
+    outcomes = Counter(r["outcome"])
+    assert outcomes["ok"] == end["connected"]
+    assert outcomes["not_started"] == 3000 - end["started"]
+    assert outcomes["ok"] + outcomes["not_started"] + outcomes["pending"] == 3000
+    for i, o in enumerate(r["outcome"]):
+        if o == "ok":
+            assert r["scheduled"][i] <= r["started"][i] <= r["connected"][i] <= r["closed"][i]
+        if o == "not_started":
+            assert math.isnan(r["started"][i]) and not math.isnan(r["scheduled"][i])
+    assert not list(tmp_path.glob("a.rec.p*"))  # the parts were joined
+
+
+def test_plan_file_with_two_processes_and_poisson(comet: int, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "arrival": "poisson",
+                "seed": 3,
+                "phases": [
+                    {"kind": "ramp", "rate_per_s": 300, "until": 150},
+                    {"kind": "hold", "duration_s": 0.5},
+                    {"kind": "close", "rate_per_s": 300, "count": 50},
+                    {"kind": "ramp", "rate_per_s": 300, "duration_s": 0.2},
+                    {"kind": "close"},
+                ],
+            }
+        )
+    )
+    rec = tmp_path / "p.rec"
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "lab.agent",
+            "--url",
+            f"ws://127.0.0.1:{comet}/ws?channel=p",
+            "--plan",
+            str(plan),
+            "--procs",
+            "2",
+            "--records",
+            str(rec),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr
+    end = json.loads(p.stdout.splitlines()[-1])
+    assert end["outcome"] == "completed"
+    assert len(end["procs"]) == 3  # two load processes and the coordinator
+    r = read_records(rec)
+    n = len(r["conn"])
+    assert n > 150 and end["started"] == n == end["connected"] == end["closed"]
+    assert Counter(r["proc"]) == {0: (n + 1) // 2, 1: n // 2}
+
+
+def test_max_duration_bounds_the_run(comet: int) -> None:
+    p = subprocess.run(
+        [
+            PY,
+            "-m",
+            "lab.agent",
+            "--url",
+            f"ws://127.0.0.1:{comet}/ws",
+            "--rate",
+            "100",
+            "--connections",
+            "100",
+            "--hold",
+            "600",
+            "--max-duration",
+            "1.5",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr
+    end = json.loads(p.stdout.splitlines()[-1])
+    assert (end["outcome"], end["reason"]) == ("interrupted", "max_duration")
+    assert end["open"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--connections", "200000", "--procs", "1", "--rate", "1000"], "use --procs"),
+        (["--source-ips", "198.18.255.254"], "ip addr add 198.18.255.254/32"),
+        (["--source-ips", "x-y"], "give auto, a list"),
+        (["--session", "sse"], "needs a http:// URL"),
+        (["--plan", "/nonexistent/plan.json"], "cannot read it"),
+        (["--rate", "0"], "--rate must be > 0"),
+        (["--publish-url", "http://127.0.0.1:1/nopub"], "/pub/<channel>"),
+    ],
+)
+def test_refusals_name_the_problem_and_the_fix(args: list[str], message: str) -> None:
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert p.stdout == ""
+
+
+def test_bad_plan_file(tmp_path: Path) -> None:
+    plan = tmp_path / "bad.json"
+    plan.write_text(json.dumps({"phases": [{"kind": "ramp", "rate_per_s": 10}]}))
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 2 and "phase 1 (ramp): give exactly one of until" in p.stderr
+    plan.write_text(json.dumps({"phases": [{"kind": "ramp", "rate": 10, "until": 3}]}))
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert p.returncode == 2 and "unknown key(s) ['rate']" in p.stderr
+
+
+def test_help_needs_only_core_dependencies() -> None:
+    p = subprocess.run([PY, "-m", "lab.agent", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and "--source-ips" in p.stdout
+    p = subprocess.run(
+        [PY, "-m", "lab", "agent", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert p.returncode == 0 and "usage: lab agent" in p.stdout

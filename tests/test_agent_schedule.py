@@ -1,0 +1,98 @@
+"""lab.agent.schedule: the pure arrival schedule (no clock, no sleep)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lab.agent.schedule import (
+    Arrival,
+    PlanError,
+    build_schedule,
+    close,
+    hold,
+    ramp,
+    simple_phases,
+)
+
+
+def test_uniform_ramp_until_hold_close_all() -> None:
+    s = build_schedule(simple_phases(2500, 15_000, 60, None))
+    assert len(s) == 15_000
+    assert s.open_s[0] == 0.0
+    assert s.open_s[1] == pytest.approx(1 / 2500)
+    assert s.open_s[-1] == pytest.approx(14_999 / 2500)
+    # every whole second of the ramp holds exactly 2,500 opens
+    per_second = [0] * 6
+    for t in s.open_s:
+        per_second[int(t + 1e-9)] += 1
+    assert per_second == [2500] * 6
+    assert s.phase_end_s == pytest.approx((6.0, 66.0, 66.0))
+    assert set(s.close_s) == {66.0}
+    assert s.end_s == 66.0
+    assert s.peak_open() == 15_000
+    assert s.peak_rate_per_s() == 2500
+    assert s.planned_by(1.0) == 2501  # t=0 .. t=1.0 inclusive
+    assert s.planned_by(-0.1) == 0
+
+
+def test_ramp_for_a_duration_then_close_at_a_rate_oldest_first() -> None:
+    s = build_schedule([ramp(10, duration_s=2), hold(1), close(5)])
+    assert len(s) == 20
+    assert list(s.open_s) == pytest.approx([k / 10 for k in range(20)])
+    # close at 5/s from t=3, in arrival order
+    assert list(s.close_s) == pytest.approx([3 + k / 5 for k in range(20)])
+    assert s.end_s == pytest.approx(7.0)
+
+
+def test_several_ramps_partial_close_and_leftovers_close_at_the_end() -> None:
+    s = build_schedule([ramp(100, until=100), close(None, count=40), ramp(50, until=110), hold(2)])
+    # second ramp tops up from 60 open to 110: 50 more
+    assert len(s) == 150
+    assert sum(1 for c in s.close_s if c == pytest.approx(1.0)) == 40
+    assert s.close_s[0] == pytest.approx(1.0)
+    assert s.close_s[40] == pytest.approx(s.end_s)
+    assert s.end_s == pytest.approx(1.0 + 1.0 + 2.0)
+    assert s.peak_open() == 110
+    assert all(c >= o for o, c in zip(s.open_s, s.close_s, strict=True))
+
+
+def test_poisson_is_seeded_and_keeps_the_rate() -> None:
+    a = build_schedule([ramp(1000, duration_s=20)], arrival=Arrival.POISSON, seed=7)
+    b = build_schedule([ramp(1000, duration_s=20)], arrival=Arrival.POISSON, seed=7)
+    c = build_schedule([ramp(1000, duration_s=20)], arrival=Arrival.POISSON, seed=8)
+    assert list(a.open_s) == list(b.open_s)
+    assert list(a.open_s) != list(c.open_s)
+    assert 19_000 < len(a) < 21_000
+    assert all(0 < t < 20 for t in a.open_s)
+    assert list(a.open_s) == sorted(a.open_s)
+    n = build_schedule([ramp(1000, until=500)], arrival=Arrival.POISSON, seed=1)
+    assert len(n) == 500
+
+
+def test_shards_partition_the_schedule() -> None:
+    s = build_schedule(simple_phases(100, 1001, 1, 50))
+    shards = [s.shard(p, 3) for p in range(3)]
+    assert sum(len(x) for x in shards) == 1001
+    merged = sorted(t for x in shards for t in x.open_s)
+    assert merged == list(s.open_s)
+    assert list(shards[1].open_s) == list(s.open_s[1::3])
+    assert list(shards[2].close_s) == list(s.close_s[2::3])
+
+
+@pytest.mark.parametrize(
+    ("phases", "message"),
+    [
+        ([], "no phases"),
+        ([ramp(0, until=10)], "rate_per_s must be > 0"),
+        ([ramp(10)], "exactly one of until"),
+        ([ramp(10, until=5, duration_s=1)], "exactly one of until"),
+        ([ramp(10, until=5), hold(-1)], "duration_s must be"),
+        ([ramp(10, until=5), hold(math.inf)], "duration_s must be"),
+        ([ramp(10, until=5), close(-3)], "close all at once"),
+    ],
+)
+def test_bad_phases_name_the_phase_and_the_fix(phases: list, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        build_schedule(phases)

@@ -1,0 +1,260 @@
+"""lab.agent sessions on loopback: each kind against lab.comet, lost/dup/reordered detection
+against a server that drops, repeats and swaps messages on purpose, generic mode, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.agent.records import Outcome, Records, read_records
+from lab.agent.session import Shared
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_agent(*args: str, timeout: float = 60) -> tuple[int, list[dict[str, Any]], str]:
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
+    return p.returncode, lines, p.stderr
+
+
+@pytest.fixture(scope="module")
+def comet() -> Iterator[int]:
+    """A real lab.comet server on a free loopback port (one worker)."""
+    port = free_port()
+    p = subprocess.Popen(
+        [PY, "-m", "lab.comet", "--port", str(port), "--workers", "1", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline or p.poll() is not None:
+                p.kill()
+                pytest.fail("lab.comet did not become healthy")
+            time.sleep(0.1)
+    yield port
+    p.terminate()
+    p.wait(15)
+
+
+@pytest.mark.parametrize(
+    ("session", "path"), [("websocket", "ws"), ("longpoll", "lp"), ("sse", "sse")]
+)
+def test_each_session_receives_every_message_from_lab_comet(
+    comet: int, session: str, path: str, tmp_path: Path
+) -> None:
+    ch = f"t-{session}"
+    scheme = "ws" if session == "websocket" else "http"
+    rec = tmp_path / "a.rec"
+    rc, lines, err = run_agent(
+        "--url",
+        f"{scheme}://127.0.0.1:{comet}/{path}?channel={ch}",
+        "--session",
+        session,
+        "--rate",
+        "200",
+        "--connections",
+        "20",
+        "--hold",
+        "2.5",
+        "--records",
+        str(rec),
+        "--publish-url",
+        f"http://127.0.0.1:{comet}/pub/{ch}",
+        "--publish-rate",
+        "20",
+        "--publish-count",
+        "10",
+        "--publish-delay",
+        "0.5",
+    )
+    assert rc == 0, err
+    end = lines[-1]
+    assert end["kind"] == "agent_end" and end["outcome"] == "completed"
+    assert all(x["kind"] == "agent" for x in lines[:-1])
+    assert end["msgs_out"] == 10 and end.get("publish_errors") == 0
+    assert end["connected"] == 20 and end["closed"] == 20 and end["open"] == 0
+    assert end["msgs_in"] == 20 * 10
+    assert (end["lost"], end["dup"], end["reordered"]) == (0, 0, 0)
+    assert sum(end["failed"].values()) == 0
+    delivered = sum(c for x in lines for _, c in x["delivery_hist"]["buckets"])
+    assert delivered == 200
+    r = read_records(rec)
+    assert Counter(r["outcome"]) == {"ok": 20}
+    assert sorted(r["conn"]) == list(range(20))
+    for s, st, c, cl in zip(r["scheduled"], r["started"], r["connected"], r["closed"], strict=True):
+        assert s <= st <= c <= cl
+
+
+def test_websocket_subscribe_frame_and_http_failure(comet: int) -> None:
+    rc, lines, err = run_agent(
+        "--url",
+        f"ws://127.0.0.1:{comet}/ws",
+        "--subscribe",
+        "sub1",
+        "--rate",
+        "100",
+        "--connections",
+        "5",
+        "--hold",
+        "1.5",
+        "--publish-url",
+        f"http://127.0.0.1:{comet}/pub/sub1",
+        "--publish-rate",
+        "10",
+        "--publish-count",
+        "3",
+        "--publish-delay",
+        "0.5",
+    )
+    assert rc == 0, err
+    assert lines[-1]["msgs_in"] == 15
+    # an unknown path: the server answers 404, the agent counts HTTP failures and still exits 0
+    rc, lines, err = run_agent(
+        "--url",
+        f"ws://127.0.0.1:{comet}/nope",
+        "--rate",
+        "100",
+        "--connections",
+        "5",
+        "--hold",
+        "0",
+    )
+    assert rc == 0, err
+    assert lines[-1]["failed"]["http"] == 5 and lines[-1]["connected"] == 0
+
+
+class ScriptedServer:
+    """A websockets (library) server in a thread that sends a fixed sequence of envelopes
+    on channel "x": ids that skip, repeat and swap, each with a send time."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    async def _handler(self, ws: Any) -> None:
+        if ws.request.path.startswith("/script"):
+            for mid in self.ids:
+                data = json.dumps({"ts": time.time(), "seq": mid})
+                await ws.send(json.dumps({"channel": "x", "id": mid, "data": data}))
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+
+    def _run(self) -> None:
+        from websockets.asyncio.server import serve
+
+        async def main() -> None:
+            self.stop = asyncio.Event()
+            async with serve(self._handler, "127.0.0.1", self.port, ping_interval=None):
+                self.ready.set()
+                await self.stop.wait()
+
+        self.loop.run_until_complete(main())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
+    # 3 is dropped then arrives late (reordered, not lost); 4 repeated (dup); 7 dropped (lost)
+    srv = ScriptedServer([1, 2, 4, 4, 3, 5, 6, 8, 9])
+    try:
+        rc, lines, err = run_agent(
+            "--url",
+            f"ws://127.0.0.1:{srv.port}/script",
+            "--rate",
+            "50",
+            "--connections",
+            "4",
+            "--hold",
+            "1.5",
+        )
+    finally:
+        srv.close()
+    assert rc == 0, err
+    end = lines[-1]
+    assert end["msgs_in"] == 4 * 9
+    assert (end["lost"], end["dup"], end["reordered"]) == (4 * 1, 4 * 1, 4 * 1)
+    assert sum(c for x in lines for _, c in x["delivery_hist"]["buckets"]) == 4 * 9
+
+
+def test_generic_mode_holds_any_websocket_server() -> None:
+    srv = ScriptedServer([])
+    try:
+        rc, lines, err = run_agent(
+            "--url",
+            f"ws://127.0.0.1:{srv.port}/anything",
+            "--session",
+            "generic",
+            "--rate",
+            "100",
+            "--connections",
+            "10",
+            "--hold",
+            "1",
+        )
+    finally:
+        srv.close()
+    assert rc == 0, err
+    assert lines[-1]["connected"] == 10 and lines[-1]["closed"] == 10
+    assert sum(lines[-1]["failed"].values()) == 0
+
+
+def test_refused_connections_are_data_not_errors() -> None:
+    port = free_port()  # nothing listens there
+    rc, lines, err = run_agent(
+        "--url", f"ws://127.0.0.1:{port}/ws", "--rate", "100", "--connections", "10", "--hold", "0"
+    )
+    assert rc == 0, err
+    assert lines[-1]["failed"]["refused"] == 10
+
+
+def test_track_window_counts_without_a_server() -> None:
+    sh = Shared(Records(1))
+    chs: dict[str, list[int]] = {}
+    for mid in [10, 11, 13, 12, 12, 14, 20, 15, 200, 100]:
+        sh.track(chs, "c", mid, None)
+    c = sh.counters
+    # gaps: 12 (came late), 15..19 (15 came late), 21..199; 100 is too old to tell: reordered
+    assert c.reordered == 3
+    assert c.dup == 1
+    assert c.lost == (1 - 1) + (5 - 1) + 179
+    assert sh.records.outcome[0] == Outcome.NOT_STARTED

@@ -1,0 +1,125 @@
+"""Preflight findings from host facts (pure), and `lab doctor` run for real on this host."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lab.doctor import Level, check_host, check_plan, limits_from_facts
+from lab.experiment import load_experiment
+from lab.metadata import collect_host_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = {
+    "python": "3.11.7",
+    "nofile_soft": 1024,
+    "nofile_hard": 20000,
+    "sysctls": {
+        "net.ipv4.ip_local_port_range": [32768, 60999],
+        "net.core.somaxconn": 4096,
+        "net.ipv4.tcp_max_syn_backlog": 2048,
+    },
+    "mem_available_bytes": 20 << 30,
+    "clock_offset_s": 0.002,
+}
+
+
+def levels(findings: list) -> dict[str, Level]:
+    return {f.check: f.level for f in findings}
+
+
+def test_good_host_passes() -> None:
+    found = levels(check_host(GOOD, host="h"))
+    assert set(found.values()) == {Level.OK}
+    assert set(found) >= {
+        "python",
+        "open files (nofile)",
+        "ip_local_port_range",
+        "somaxconn",
+        "tcp_max_syn_backlog",
+        "free memory",
+        "clock offset",
+    }
+
+
+def test_bad_host_names_problems_and_fixes() -> None:
+    bad = {
+        **GOOD,
+        "python": "3.9.2",
+        "nofile_hard": 1024,
+        "sysctls": {
+            "net.ipv4.ip_local_port_range": [60000, 61000],
+            "net.core.somaxconn": 128,
+            "net.ipv4.tcp_max_syn_backlog": 128,
+        },
+        "mem_available_bytes": 100 << 20,
+        "clock_offset_s": -3.0,
+    }
+    findings = {f.check: f for f in check_host(bad, host="h")}
+    assert findings["python"].level is Level.FAIL
+    assert findings["open files (nofile)"].level is Level.FAIL
+    assert "1024 65535" in findings["ip_local_port_range"].fix
+    assert "net.core.somaxconn" in findings["somaxconn"].fix
+    assert findings["clock offset"].level is Level.WARN and "NTP" in findings["clock offset"].fix
+    assert findings["free memory"].level is Level.WARN
+    assert check_host({"error": "connection refused"}, host="x")[0].level is Level.FAIL
+
+
+def test_limits_from_facts_handles_unlimited() -> None:
+    lim = limits_from_facts({**GOOD, "nofile_hard": None, "nofile_soft": None})
+    assert lim.nofile_hard >= 1 << 20 and lim.ephemeral_ports == 28232
+
+
+def test_check_plan_reports_capacity() -> None:
+    exp = load_experiment(ROOT / "experiments" / "c64k.yaml")
+    ok = check_plan(exp, {"local": GOOD})
+    assert all(f.level is Level.OK for f in ok) and any("lab.comet" in f.value for f in ok)
+    exp2 = load_experiment(ROOT / "experiments" / "c64k.yaml", {"server.workers": "2"})
+    (fail,) = check_plan(exp2, {"local": GOOD})
+    assert fail.level is Level.FAIL and "raise workers to 5" in fail.fix
+
+
+def test_real_metadata_feeds_check_host() -> None:
+    findings = check_host({**collect_host_metadata(), "clock_offset_s": 0.0}, host="local")
+    assert all(f.level is not Level.FAIL for f in findings), findings
+
+
+def test_lab_doctor_on_this_host() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "doctor", str(ROOT / "experiments" / "smoke.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lab.comet" in done.stdout and "0 failures" in done.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lab.doctor",
+            str(ROOT / "experiments" / "c64k.yaml"),
+            "-p",
+            "agents.procs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "raise agents.procs to 4" in bad.stdout
+    typo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lab.doctor",
+            str(ROOT / "experiments" / "smoke.yaml"),
+            "-p",
+            "agents.prcs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert typo.returncode == 2 and "did you mean `procs`" in typo.stderr
