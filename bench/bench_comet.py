@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -73,6 +74,8 @@ class Client(asyncio.Protocol):
                 ok = self.head.startswith(b"HTTP/1.1 101")
                 self.upgraded = ok
                 self.head = b""
+                if ok:
+                    self.bench.conns.append(self)
                 if self.done is not None and not self.done.done():
                     self.done.set_result(ok)
                 self.done = None
@@ -99,36 +102,55 @@ def upgrade_request(host: str, port: int, path: str) -> bytes:
 async def open_many(
     bench: Bench, n: int, host: str, port: int, path: str, sources: list[str], window: int
 ) -> tuple[int, int, float]:
+    """Open ``n`` WebSockets keeping ``window`` handshakes in flight; (ok, failed, seconds)."""
     loop = asyncio.get_running_loop()
     request = upgrade_request(host, port, path)
-    sem = asyncio.Semaphore(window)
-    ok = failed = 0
+    finished = loop.create_future()
+    state = {"started": 0, "inflight": 0, "ok": 0, "failed": 0}
 
-    async def one(i: int) -> None:
-        nonlocal ok, failed
-        async with sem:
+    def settle(fut: asyncio.Future[bool]) -> None:
+        state["inflight"] -= 1
+        if not fut.cancelled() and fut.exception() is None and fut.result():
+            state["ok"] += 1
+        else:
+            state["failed"] += 1
+        launch()
+
+    async def connect_from(source: str, done: asyncio.Future[bool]) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, (host, port))
+        await loop.create_connection(lambda: Client(bench, request, done), sock=sock)
+
+    def failed_connect(done: asyncio.Future[bool], task: asyncio.Task[Any]) -> None:
+        if (task.cancelled() or task.exception() is not None) and not done.done():
+            done.set_result(False)
+
+    def launch() -> None:
+        while state["inflight"] < window and state["started"] < n:
+            i = state["started"]
+            state["started"] += 1
+            state["inflight"] += 1
             done: asyncio.Future[bool] = loop.create_future()
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                if sources:
-                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                    sock.bind((sources[i % len(sources)], 0))
-                await loop.sock_connect(sock, (host, port))
-                _, proto = await loop.create_connection(
-                    lambda: Client(bench, request, done), sock=sock
+            done.add_done_callback(settle)
+            if sources:
+                coro: Any = connect_from(sources[i % len(sources)], done)
+            else:
+                coro = loop.create_connection(
+                    functools.partial(Client, bench, request, done), host, port
                 )
-                if await asyncio.wait_for(done, 30):
-                    bench.conns.append(proto)
-                    ok += 1
-                else:
-                    failed += 1
-            except (OSError, TimeoutError):
-                failed += 1
+            task = loop.create_task(coro)
+            task.add_done_callback(functools.partial(failed_connect, done))
+        if state["inflight"] == 0 and not finished.done():
+            finished.set_result(None)
 
     t0 = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return ok, failed, time.monotonic() - t0
+    launch()
+    await finished
+    bench.conns = [c for c in bench.conns if c.transport is not None]
+    return state["ok"], state["failed"], time.monotonic() - t0
 
 
 def client_main(pipe: Connection) -> None:
@@ -226,25 +248,27 @@ def wait_online(server: ServerProcess, n: int, timeout_s: float = 30.0) -> int:
     return online
 
 
-def bench_accept(n: int, window: int) -> dict[str, float]:
+def bench_accept(n: int, window: int, clients: int = 1) -> dict[str, float]:
     """Accept + upgrade rate and server CPU per connection in one worker."""
     with ServerProcess(workers=1, extra=["--quiet"]) as server:
         pids = worker_pids(server)
+        target: tuple[Any, ...] = (server.host, server.port, "/ws?channel=a", [], window)
+        # warm up: the first connections pay for imports and allocator growth
         pool = ClientPool(1)
+        pool.all("connect", lambda i: (500, *target))
+        pool.close()
+        pool = ClientPool(clients)
         try:
-            # warm up: the first connections pay for imports and allocator growth
-            pool.all(
-                "connect", lambda i: (500, server.host, server.port, "/ws?channel=a", [], window)
-            )
-            pool.all("close", lambda i: ())
-            pool = ClientPool(1)
+            shares = split(n, clients)
             cpu0 = cpu_s(pids)
-            ok, failed, elapsed = pool.all(
-                "connect", lambda i: (n, server.host, server.port, "/ws?channel=a", [], window)
-            )[0]
+            t0 = time.monotonic()
+            results = pool.all("connect", lambda i: (shares[i], *target))
+            elapsed = time.monotonic() - t0
             cpu1 = cpu_s(pids)
         finally:
             pool.close()
+    ok = sum(r[0] for r in results)
+    failed = sum(r[1] for r in results)
     user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     return {
         "accept_connections": ok,
@@ -341,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         default=10_000,
         help="connections for the one-worker accept test (default 10000; 0 = skip)",
     )
+    p.add_argument(
+        "--accept-clients", type=int, default=1, help="client processes for the accept test"
+    )
     p.add_argument("--rounds", type=int, default=5, help="broadcast rounds (default 5)")
     p.add_argument(
         "--payload-bytes", type=int, default=64, help="broadcast message size (default 64)"
@@ -352,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_soft_limit()
     out: dict[str, Any] = {}
     if args.accept_connections:
-        acc = bench_accept(args.accept_connections, args.window)
+        acc = bench_accept(args.accept_connections, args.window, args.accept_clients)
         out.update(acc)
         print(
             f"accept+upgrade, 1 worker: {acc['accept_connections']} connections at "

@@ -273,7 +273,7 @@ async def deploy(
         [
             f"cd {q(workdir_abs)}",
             # another controller may have finished the same install while we waited for the lock
-            f"{{ test \"$(cat {q(marker)} 2>/dev/null)\" != {digest} || exit 0; }}",
+            f'{{ test "$(cat {q(marker)} 2>/dev/null)" != {digest} || exit 0; }}',
             f"{{ test -x {q(venv_python)} || {q(python)} -m venv {q(venv)}; }}",
             f"rm -f {q(marker)}",
             f"{pip} --find-links {q(remote_house)} "

@@ -25,7 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab.launch import HEALTH_SCRIPT, LIMITS_SCRIPT, STOP_SCRIPT, mask_secrets, role_command
+from lab.launch import (
+    HEALTH_SCRIPT,
+    LIMITS_SCRIPT,
+    STOP_SCRIPT,
+    mask_overrides,
+    mask_secrets,
+    role_command,
+)
 
 if TYPE_CHECKING:
     from lab.deploy import Deployment
@@ -100,6 +107,8 @@ class Engine:
         from lab.ssh import host_record
 
         started = time.time()
+        controller = collect_controller_metadata()
+        controller["argv"] = mask_secrets(controller.get("argv") or [])
         self.record = {
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
@@ -109,11 +118,11 @@ class Engine:
                 "name": self.exp.name,
                 "resolved": self.exp.to_dict(),
             },
-            "overrides": self.overrides,
+            "overrides": mask_overrides(self.overrides),
             "inventory": [host_record(h) for h in self.exp.hosts],
             "insecure_hosts": [h.name for h in self.exp.hosts if h.insecure_skip_host_key_check],
             "hosts": list(self.hosts.values()),
-            "controller": collect_controller_metadata(),
+            "controller": controller,
             "outcome": "running",
             "reason": "",
             "started": started,

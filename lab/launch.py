@@ -11,7 +11,7 @@ still carrying the run's marker, kills it and reports what was left. Used by ``l
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,13 +21,29 @@ MODULES = {"monitor": "lab.monitor", "server": "lab.comet", "agent": "lab.agent"
 SECRET_FLAGS = ("--publish-token",)
 
 
+SECRET_WORDS = ("token", "password", "passphrase", "secret")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for an experiment key that holds a secret (``server.publish_token``)."""
+    return any(word in key.lower() for word in SECRET_WORDS)
+
+
 def mask_secrets(argv: Sequence[str]) -> list[str]:
-    """argv with the value after any secret flag replaced by ``***`` (for run.json and logs)."""
+    """argv with secret values replaced by ``***`` (for run.json and logs): the value after a
+    secret flag, and ``KEY=VALUE`` overrides whose key names a secret."""
     out = list(argv)
-    for i, arg in enumerate(out[:-1]):
-        if arg in SECRET_FLAGS:
-            out[i + 1] = "***"
+    for i, arg in enumerate(out):
+        if i > 0 and out[i - 1] in SECRET_FLAGS:
+            out[i] = "***"
+        elif "=" in arg and is_secret_key(arg.split("=", 1)[0]):
+            out[i] = arg.split("=", 1)[0] + "=***"
     return out
+
+
+def mask_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
+    """``-p`` overrides with the values of secret keys replaced by ``***``."""
+    return {k: ("***" if is_secret_key(k) else v) for k, v in overrides.items()}
 
 
 def role_command(

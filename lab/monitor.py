@@ -154,6 +154,7 @@ class Monitor:
     _last_cpu: float = 0.0
     _last_wall: float = 0.0
     _heavy_cost_s: float = 0.0
+    _next_heavy: int = 0
 
     def __post_init__(self) -> None:
         psutil.cpu_percent(percpu=True)  # prime: the first call has no interval
@@ -230,12 +231,13 @@ class Monitor:
     def sample(self, interval_s: float = 1.0) -> dict[str, Any]:
         """One monitor line (see results/README.md)."""
         self.discover()
-        heavy = self.ticks % self.heavy_every == 0
+        heavy = self.ticks >= self._next_heavy
         procs = self._procs(heavy)
         if heavy:
-            # The whole _procs pass with USS/fds costs _heavy_cost_s; keep it under budget.
+            # The whole _procs pass with USS costs _heavy_cost_s; keep it under budget.
             every = math.ceil(self._heavy_cost_s / (HEAVY_BUDGET * interval_s)) if interval_s else 1
             self.heavy_every = max(1, min(HEAVY_MAX_EVERY, every))
+            self._next_heavy = self.ticks + self.heavy_every
         self.ticks += 1
         mem = psutil.virtual_memory()
         sock = _read_text("/proc/net/sockstat")

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from lab.experiment import (
     Experiment,
@@ -34,10 +34,13 @@ SERVER_BYTES_PER_CONN = 12 * 1024
 AGENT_BYTES_PER_CONN = 8 * 1024
 KERNEL_BYTES_PER_SOCKET = 4 * 1024
 PROCESS_BASE_BYTES = 40 * 1024 * 1024
-# Seconds between "start agents" and their common start time (spawn + import).
+# Seconds between "start agents" and their common start time: spawning and importing the
+# agent's processes (about half a second each on a busy 2-core host), at least START_DELAY_S.
 START_DELAY_S = 3.0
-# Extra seconds monitors run past the experiment's bound, so they never outlive a run by much.
-MONITOR_GRACE_S = 30.0
+START_DELAY_PER_PROC_S = 0.5
+# Extra seconds monitors run past the experiment's bound (start delay and teardown included),
+# so that they never outlive a run by much.
+MONITOR_GRACE_S = 60.0
 SERVER_IMBALANCE = 1.25
 # New connections per second one agent process sustains comfortably (lab.agent.capacity).
 AGENT_RATE_PER_PROCESS = 6000.0
@@ -194,11 +197,10 @@ def _agent_source_ips(
     needed = source_addresses_for(conns, lim)
     ports = f"{lim.ephemeral_ports} ephemeral ports ({lim.port_low}-{lim.port_high})"
     given = dict(exp.agents.source_ips_by_host).get(host, exp.agents.source_ips)
-    dest_loopback = (
-        _is_loopback(server_address(exp))
-        if exp.server.kind is ServerKind.LAB_COMET
-        else ("127." in (exp.server.url or "") or "localhost" in (exp.server.url or ""))
-    )
+    if exp.server.kind is ServerKind.LAB_COMET:
+        dest_loopback = _is_loopback(server_address(exp))
+    else:
+        dest_loopback = _is_loopback(urlsplit(exp.server.url or "").hostname or "")
     if given is not None:
         if len(given) * usable < conns:
             example = _fmt_range(2, needed) if dest_loopback else "addresses configured on the host"
@@ -436,7 +438,7 @@ def _monitor_launch(exp: Experiment, host: str) -> RoleLaunch:
         "--interval",
         f"{exp.monitor.interval_s:g}",
         "--duration",
-        f"{exp.max_duration_s + START_DELAY_S + MONITOR_GRACE_S:g}",
+        f"{exp.max_duration_s + MONITOR_GRACE_S:g}",
         "--out",
         "monitor.jsonl",
     ]
@@ -469,7 +471,8 @@ def make_plan(exp: Experiment, limits: Mapping[str, HostLimits]) -> Plan:
         launches.append(server)
     launches += [_agent_launch(exp, s, i, len(shares)) for i, s in enumerate(shares)]
     hosts = tuple(h for h in exp.hosts if h.name in in_use)
-    return Plan(exp, hosts, tuple(launches), START_DELAY_S, exp.max_duration_s)
+    delay = max(START_DELAY_S, 2.0 + START_DELAY_PER_PROC_S * max(s.procs for s in shares))
+    return Plan(exp, hosts, tuple(launches), delay, exp.max_duration_s)
 
 
 def describe_plan(plan: Plan) -> list[str]:

@@ -94,7 +94,7 @@ class BarProgress(Progress):
 
         self._rich = RichProgress(
             TextColumn("connections"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.description}"),
@@ -113,7 +113,9 @@ class BarProgress(Progress):
             self._task,
             completed=t["connected"],
             total=t["planned"] or None,
-            description=self.status().split("| ", 1)[-1],
+            description=(
+                f"open {t['open']} err {t['errors']} server {t['online']} msgs {t['msgs_in']}"
+            ),
         )
 
     def close(self) -> None:

@@ -53,15 +53,13 @@ def execute_notebook(name: str, output: Path, parameters: Mapping[str, Any]) -> 
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (the record of what
     ran, with its outputs). Raises PublishError naming the failing cell's error."""
     import papermill
-    from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lab-kernel-") as sockets:
         # IPC sockets in a private folder: TCP ports picked free can be taken by the time the
         # kernel binds them on a busy machine ("Address already in use"), and stay unencrypted
-        kernel = AsyncKernelManager(
-            kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel")
-        )
+        ipc = Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "k")}})
         try:
             papermill.execute_notebook(
                 str(notebook_path(name)),
@@ -70,7 +68,7 @@ def execute_notebook(name: str, output: Path, parameters: Mapping[str, Any]) -> 
                 kernel_name="python3",
                 progress_bar=False,
                 cwd=os.getcwd(),
-                km=kernel,
+                config=ipc,
             )
         except papermill.PapermillExecutionError as exc:
             raise PublishError(
@@ -184,7 +182,8 @@ def _cell(value: Any, scale: float, unit: str) -> str:
         return "yes" if value else "no"
     if isinstance(value, int | float):
         scaled = value / scale
-        text = f"{scaled:,.0f}" if abs(scaled) >= 100 or scaled == int(scaled) else f"{scaled:.2f}"
+        whole = abs(scaled) >= 100 or (scale == 1 and scaled == int(scaled))
+        text = f"{scaled:,.0f}" if whole else f"{scaled:,.2f}"
         return text + unit
     return html.escape(str(value))
 

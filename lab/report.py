@@ -299,7 +299,7 @@ def report_figures(tables: Tables) -> list[go.Figure]:
         memory_figure(memory, stats.memory_fits(tables, memory)),
         latency_figure(stats.latency_frame(tables), stats.delivery_frame(tables)),
         errors_figure(stats.errors_frame(tables)),
-        environment_figure(stats.environment_frame(tables.run)),
+        environment_figure(summary_table.environment_frame(tables.run)),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The engine: run an experiment on its hosts and write ``results/<run-id>/``, tearing down always.
+"""`lab run`: run an experiment on its hosts and write ``results/<run-id>/``, tearing down always.
 
 ``execute(experiment, overrides, inventory, results_root, progress)`` loads the experiment,
 connects to every host over SSH (the embedded server for ``local``), deploys the lab, reads
@@ -18,7 +18,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def execute(
 
     # Not a daemon: the interpreter waits for the teardown even if this thread dies.
     thread = threading.Thread(target=work, name="lab-run")
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         # Own handlers for both (SIGINT too: a background job inherits it ignored).
         for signum, reason in (
@@ -110,8 +110,8 @@ def execute(
                 stop("stopped by KeyboardInterrupt")
         thread.join()
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
     if "error" in box:
         raise box["error"]
     return Path(run_folder.path)
@@ -148,18 +148,6 @@ def exit_code(record: Mapping[str, Any]) -> int:
     return 0 if all(t.get("passed") for t in record.get("thresholds") or []) else 1
 
 
-def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(
-                f"lab run: -p {item!r} is not key=value (e.g. -p phases.0.rate_per_s=500)"
-            )
-        out[key.strip()] = value
-    return out
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m lab.run",
@@ -180,12 +168,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="do not publish report.html")
     parser.add_argument("--progress", choices=("auto", "bar", "text"), default="auto")
     args = parser.parse_args(argv)
-    from lab.experiment import ExperimentError
+    from lab.experiment import ExperimentError, parse_overrides
 
     try:
         folder = execute(
             args.experiment,
-            _parse_overrides(args.param),
+            parse_overrides(args.param),
             args.inventory,
             args.results,
             args.progress,

@@ -1,5 +1,6 @@
-"""The report's tables of figures: one run's summary (planned vs achieved, thresholds) and
-several runs side by side (ratios to the first run, warnings when their hosts differ).
+"""The report's tables: one run's summary (planned vs achieved, thresholds), several runs side
+by side (ratios to the first run, warnings when their hosts differ), and the environment
+(hosts, versions, sysctls, limits).
 
 Pure functions over ``lab.stats.summarize`` output and ``run.json`` records; ``lab.report``
 draws the frames they return as tables.
@@ -7,6 +8,7 @@ draws the frames they return as tables.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -188,3 +190,34 @@ def host_differences(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]
                         f"{base_label}: {theirs.get(item)!r}"
                     )
     return warnings
+
+
+def environment_frame(run_record: Mapping[str, Any]) -> pd.DataFrame:
+    """Hosts, versions, sysctls and limits from ``run.json``: columns item, then one per host."""
+    hosts = run_record.get("hosts") or []
+    columns: dict[str, dict[str, str]] = {}
+    for host in hosts:
+        meta = host.get("metadata") or {}
+        values: dict[str, str] = {"clock offset (s)": f"{host.get('clock_offset_s', 0.0):+.4f}"}
+        for key in ("python", "kernel", "cpu_model", "cpu_count", "mem_total"):
+            if key in meta:
+                values[key] = str(meta[key])
+        for group in ("sysctls", "rlimits", "packages"):
+            for key, value in sorted((meta.get(group) or {}).items()):
+                values[f"{group}: {key}"] = (
+                    json.dumps(value) if not isinstance(value, str) else value
+                )
+        columns[str(host.get("name", f"host{len(columns)}"))] = values
+    controller = run_record.get("controller") or {}
+    if controller:
+        columns.setdefault("controller", {})
+        for key in ("git_commit", "git_dirty"):
+            if key in controller:
+                columns["controller"][key] = str(controller[key])
+    items: list[str] = []
+    for values in columns.values():
+        items += [k for k in values if k not in items]
+    frame = pd.DataFrame({"item": items})
+    for name, values in columns.items():
+        frame[name] = [values.get(item, "") for item in items]
+    return frame

@@ -11,6 +11,7 @@ from lab.agent.capacity import (
     check_capacity,
     check_source_ips,
     parse_source_ips,
+    sources_needed,
 )
 from lab.limits import HostLimits
 
@@ -24,7 +25,15 @@ HOST = HostLimits(
 
 
 def test_a_plan_that_fits_passes() -> None:
-    assert check_capacity(Demand(15_000, 2500, 1, 1, 1), HOST) == []
+    assert check_capacity(Demand(15_000, 2500, 1, 2, 1), HOST) == []
+
+
+def test_past_half_the_port_range_warns_that_connects_slow_down() -> None:
+    (w,) = check_capacity(Demand(15_000, 2500, 1, 1, 1), HOST)
+    assert "12704 that connect() serves fast" in w and "127.0.0.2-127.0.0.3" in w
+    assert sources_needed(15_000, HOST) == 2
+    assert sources_needed(64_000, HOST) == 6
+    assert sources_needed(1, HOST) == 1
 
 
 def test_files_message_names_the_limit_and_the_process_count() -> None:
@@ -42,8 +51,8 @@ def test_ports_message_names_the_addresses_to_add() -> None:
     msg = str(e.value)
     assert "ephemeral ports" in msg and "32768-60999" in msg
     assert "add source addresses 127.0.0.2-127.0.0.4" in msg
-    check_capacity(Demand(64_000, 2500, 4, 3, 1), HOST)  # three addresses fit
-    check_capacity(Demand(64_000, 2500, 4, 1, 3), HOST)  # or three destinations
+    check_capacity(Demand(64_000, 2500, 4, 6, 1), HOST)  # six addresses fit, fast
+    check_capacity(Demand(64_000, 2500, 4, 1, 6), HOST)  # or six destinations
 
 
 def test_memory_message() -> None:
@@ -71,7 +80,7 @@ def test_auto_procs() -> None:
 
 
 def test_parse_source_ips() -> None:
-    assert parse_source_ips("auto", needed=1, loopback=True) == [None]
+    assert parse_source_ips("auto", needed=1, loopback=True) == ["127.0.0.2"]
     assert parse_source_ips("auto", needed=3, loopback=True) == [
         "127.0.0.2",
         "127.0.0.3",

@@ -160,9 +160,12 @@ class ScriptedServer:
     """A websockets (library) server in a thread that sends a fixed sequence of envelopes
     on channel "x": ids that skip, repeat and swap, each with a send time."""
 
-    def __init__(self, ids: list[int]) -> None:
+    def __init__(self, ids: list[int], published_id: int = 0) -> None:
         self.ids = ids
+        self.published_id = published_id
         self.port = free_port()
+        self.pub_port = free_port()
+        self.peers: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -170,6 +173,7 @@ class ScriptedServer:
         assert self.ready.wait(10)
 
     async def _handler(self, ws: Any) -> None:
+        self.peers.append(ws.remote_address[0])
         if ws.request.path.startswith("/script"):
             for mid in self.ids:
                 data = json.dumps({"ts": time.time(), "seq": mid})
@@ -177,12 +181,24 @@ class ScriptedServer:
         with contextlib.suppress(Exception):
             await ws.wait_closed()
 
+    async def _publish(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """POST /pub/x: answers {"id": published_id} (as if the server had published it)."""
+        with contextlib.suppress(Exception):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                body = json.dumps({"id": self.published_id}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()
+
     def _run(self) -> None:
         from websockets.asyncio.server import serve
 
         async def main() -> None:
             self.stop = asyncio.Event()
-            async with serve(self._handler, "127.0.0.1", self.port, ping_interval=None):
+            pub = await asyncio.start_server(self._publish, "127.0.0.1", self.pub_port)
+            async with pub, serve(self._handler, "127.0.0.1", self.port, ping_interval=None):
                 self.ready.set()
                 await self.stop.wait()
 
@@ -216,6 +232,23 @@ def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
     assert sum(c for x in lines for _, c in x["delivery_hist"]["buckets"]) == 4 * 9
 
 
+def test_messages_never_received_before_the_close_count_as_lost() -> None:
+    # the server delivers 1..5, the publisher learns that 9 was the last id published
+    srv = ScriptedServer([1, 2, 3, 4, 5], published_id=9)
+    try:
+        rc, lines, err = run_agent(
+            "--url", f"ws://127.0.0.1:{srv.port}/script", "--rate", "50", "--connections", "3",
+            "--hold", "1.5", "--publish-url", f"http://127.0.0.1:{srv.pub_port}/pub/x",
+            "--publish-count", "1", "--publish-delay", "0.3",
+        )  # fmt: skip
+    finally:
+        srv.close()
+    assert rc == 0, err
+    end = lines[-1]
+    assert end["msgs_out"] == 1 and end["publish_errors"] == 0
+    assert (end["msgs_in"], end["lost"], end["dup"], end["reordered"]) == (15, 3 * 4, 0, 0)
+
+
 def test_generic_mode_holds_any_websocket_server() -> None:
     srv = ScriptedServer([])
     try:
@@ -236,6 +269,20 @@ def test_generic_mode_holds_any_websocket_server() -> None:
     assert rc == 0, err
     assert lines[-1]["connected"] == 10 and lines[-1]["closed"] == 10
     assert sum(lines[-1]["failed"].values()) == 0
+
+
+def test_source_addresses_are_used_round_robin() -> None:
+    srv = ScriptedServer([])
+    try:
+        rc, lines, err = run_agent(
+            "--url", f"ws://127.0.0.1:{srv.port}/a", "--source-ips", "127.0.0.2-127.0.0.3,127.0.0.7",
+            "--rate", "200", "--connections", "30", "--hold", "0.5", "--procs", "2",
+        )  # fmt: skip
+    finally:
+        srv.close()
+    assert rc == 0, err
+    assert lines[-1]["connected"] == 30
+    assert Counter(srv.peers) == {"127.0.0.2": 10, "127.0.0.3": 10, "127.0.0.7": 10}
 
 
 def test_refused_connections_are_data_not_errors() -> None:

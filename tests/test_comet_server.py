@@ -9,9 +9,13 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -322,3 +326,45 @@ def test_ping_interval_sends_pings_that_clients_answer() -> None:
             chunk = sock.recv(4096)
             assert chunk
             reply += chunk
+
+
+def test_second_server_on_a_taken_port_fails_clearly(server: ServerProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lab.comet", "--port", str(server.port), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "already listens" in result.stderr and "--port" in result.stderr
+    assert_still_serving(server)
+
+
+def test_console_line_json_lines_and_out_file(tmp_path: Path) -> None:
+    out = tmp_path / "server.jsonl"
+    with ServerProcess(workers=2, extra=["--out", str(out)]) as s:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+            s.stdout_lines and any(line.startswith("online") for line in s.stderr_lines)
+        ):
+            time.sleep(0.05)
+    line = json.loads(s.stdout_lines[0])
+    assert (
+        line["kind"] == "server"
+        and {"t", "uptime_s", "online", "published", "channels"} <= line.keys()
+    )
+    assert [w["worker"] for w in line["workers"]] == [0, 1]
+    assert set(line["workers"][0]) == {
+        "worker",
+        "pid",
+        "online",
+        "events",
+        "connects",
+        "messages",
+        "closes",
+        "pcs",
+        "restarts",
+    }
+    console = next(x for x in s.stderr_lines if x.startswith("online"))
+    assert "uptime" in console and "w1 pid" in console and "PcS" in console
+    assert out.read_text().splitlines() == s.stdout_lines

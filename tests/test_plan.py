@@ -178,3 +178,9 @@ def test_publish_delay_and_token() -> None:
     open_bind = exp("smoke", **{"server.host": "0.0.0.0"})
     with pytest.raises(CapacityError, match="publish_token"):
         make_plan(open_bind, limits(open_bind))
+
+
+def test_start_delay_grows_with_agent_processes() -> None:
+    small, big = exp("smoke"), exp("c64k")
+    assert make_plan(small, limits(small)).start_delay_s == 3.0
+    assert make_plan(big, limits(big)).start_delay_s == 4.0  # 4 agent processes

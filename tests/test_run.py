@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lab.launch import mask_secrets, role_command
+from lab.launch import mask_overrides, mask_secrets, role_command
 from lab.plan import Role, RoleLaunch
-from lab.run import exit_code
+from lab.run import exit_code, run_or_load
 from tests.conftest import require, require_root
 from tests.netns import NetnsHost, kill_sshd, netns_hosts
 
@@ -116,6 +116,12 @@ def test_secrets_are_masked_and_exit_codes_follow_outcome() -> None:
     assert mask_secrets(["--publish-token", "abc", "--rate", "5"]) == [
         "--publish-token", "***", "--rate", "5",
     ]  # fmt: skip
+    assert mask_secrets(["-p", "server.publish_token=abc", "-p", "agents.procs=2"]) == [
+        "-p", "server.publish_token=***", "-p", "agents.procs=2",
+    ]  # fmt: skip
+    assert mask_overrides({"server.publish_token": "abc", "agents.procs": "2"}) == {
+        "server.publish_token": "***", "agents.procs": "2",
+    }  # fmt: skip
     passed = [{"passed": True}]
     assert exit_code({"outcome": "completed", "thresholds": passed}) == 0
     assert exit_code({"outcome": "completed", "thresholds": [{"passed": False}]}) == 1
@@ -136,13 +142,16 @@ def test_bad_experiment_fails_before_any_folder(tmp_path: Path) -> None:
 # --- the embedded default --------------------------------------------------------------------
 
 
-def test_embedded_default_end_to_end(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    code, folder, err = finish(start_lab_run([str(TINY)], results), 240)
+def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the notebook's entry point, into a folder it names (the CLI is exercised below)
+    given = tmp_path / "results" / "given-run"
+    folder = run_or_load(TINY, results_dir=given)
+    assert folder == given
     record = json.loads((folder / "run.json").read_text())
-    assert record["outcome"] == "completed", (record["reason"], err[-3000:])
-    assert code == 0, err[-3000:]
-    assert folder.parent == results and folder.name == record["run_id"]
+    progress = capsys.readouterr().out
+    assert record["outcome"] == "completed", (record["reason"], progress[-3000:])
+    assert exit_code(record) == 0
+    assert "server healthy" in progress and "connected 200/200" in progress
     rows = tables_with_rows(folder)
     assert sum(1 for n in rows.values() if n > 0) >= 3, rows
     assert record["summary"]["peak_connections"] >= 200
@@ -156,6 +165,9 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     assert host["metadata"]["python"] and "clock_offset_s" in host
     assert host["teardown"]["left"] == []
     assert run_processes(record["run_id"]) == {}
+    # a folder that holds a run is loaded, not run again
+    assert run_or_load(TINY, results_dir=given) == given
+    assert json.loads((given / "run.json").read_text())["run_id"] == record["run_id"]
 
 
 def test_interrupt_stops_everything(tmp_path: Path) -> None:

@@ -158,3 +158,11 @@ async def test_openssh_hosts_in_network_namespaces(tmp_path: Path) -> None:
         spec = dataclasses.replace(hosts[0].spec, known_hosts=str(wrong))
         with pytest.raises(ssh.SSHConnectError, match=hosts[0].address):
             await ssh.connect(spec, timeout_s=10)
+
+
+def test_gather_facts_sync_for_doctor_reports_each_host() -> None:
+    with socketless_port() as port:
+        down = HostSpec(name="down", address="127.0.0.1", port=port)
+        facts = ssh.gather_facts_sync([LOCAL, down])
+    assert facts["local"]["python"].startswith("3.") and "clock_offset_s" in facts["local"]
+    assert "'down'" in facts["down"]["error"] and "Fix:" in facts["down"]["error"]

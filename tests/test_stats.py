@@ -293,7 +293,7 @@ def test_compare_rows_and_host_differences() -> None:
 
 
 def test_environment_frame(synthetic: Tables) -> None:
-    env = stats.environment_frame(synthetic.run).set_index("item")
+    env = summary_table.environment_frame(synthetic.run).set_index("item")
     assert env.loc["cpu_model", "local"] == "Test CPU"
     assert env.loc["sysctls: net.core.somaxconn", "local"] == "4096"
     assert env.loc["git_commit", "controller"] == "0" * 40

@@ -32,6 +32,10 @@ PROCESS_BYTES = 48 * 1024 * 1024
 RATE_PER_PROCESS = 6000.0
 # Share of a (source, destination) pair's ephemeral ports a plan may use.
 PORT_HEADROOM = 0.95
+# Share of a pair's ports below which connect() stays fast. Linux picks even ports first for
+# connect(); once they are taken every connect() scans them all (__inet_hash_connect), and
+# one process drops from ~8,000 to a few hundred connects/s (measured here at ~14,000 held).
+FAST_PORT_SHARE = 0.45
 # Share of the available memory a plan may use.
 MEM_HEADROOM = 0.8
 # IP_BIND_ADDRESS_NO_PORT (linux/in.h): bind the address now, pick the port at connect().
@@ -79,14 +83,14 @@ def _ip_range_text(first: str, count: int) -> str:
 def parse_source_ips(spec: str | None, *, needed: int, loopback: bool) -> list[str | None]:
     """Source addresses from --source-ips: ``auto``, a comma list, or a range ``A-B``.
 
-    ``auto``: on loopback, ``needed`` addresses from 127.0.0.2 (a single ``None``, meaning the
-    kernel's choice, when one address suffices); elsewhere ``[None]``. Raises ``ValueError``
-    with the fix on bad input.
+    ``auto``: on loopback, ``needed`` addresses from 127.0.0.2 (127.0.0.1 is left to everything
+    else on the host, whose ports would slow our connects); elsewhere ``[None]`` (the kernel's
+    choice). Raises ``ValueError`` with the fix on bad input.
     """
     if spec is None or spec == "auto":
-        if loopback and needed > 1:
+        if loopback:
             start = ipaddress.ip_address("127.0.0.2")
-            return [str(start + k) for k in range(needed)]
+            return [str(start + k) for k in range(max(1, needed))]
         return [None]
     out: list[str | None] = []
     for part in spec.split(","):
@@ -109,6 +113,12 @@ def parse_source_ips(spec: str | None, *, needed: int, loopback: bool) -> list[s
     if not out:
         raise ValueError("--source-ips is empty: give auto, a list or a range")
     return out
+
+
+def sources_needed(connections_per_destination: int, limits: HostLimits) -> int:
+    """Source addresses that keep every (source, destination) pair in its fast port range."""
+    fast = max(1, int(limits.ephemeral_ports * FAST_PORT_SHARE))
+    return max(1, math.ceil(connections_per_destination / fast))
 
 
 def check_source_ips(ips: list[str | None]) -> None:
@@ -173,6 +183,15 @@ def check_capacity(
         )
     if problems:
         raise CapacityError("the plan does not fit this host:\n  " + "\n  ".join(problems))
+    fast = int(limits.ephemeral_ports * FAST_PORT_SHARE)
+    if per_pair > fast:
+        need = math.ceil(demand.peak_open / (fast * max(1, demand.destinations)))
+        first = source_hint or "127.0.0.2"
+        warnings.append(
+            f"ports: {per_pair} connections per (source, destination) pair is past the "
+            f"{fast} that connect() serves fast (Linux scans its even ports first): expect "
+            f"connects to slow down; add source addresses ({_ip_range_text(first, need)})"
+        )
     rate_per_proc = demand.peak_rate_per_s / demand.procs
     if rate_per_proc > RATE_PER_PROCESS * 1.5:
         warnings.append(

@@ -31,6 +31,7 @@ from lab.agent.capacity import (
     check_source_ips,
     is_loopback_host,
     parse_source_ips,
+    sources_needed,
 )
 from lab.agent.proc import ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
@@ -38,7 +39,7 @@ from lab.agent.records import FAILURES, append_file
 from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
 from lab.agent.session import SessionKind, make_target
 from lab.histogram import Histogram
-from lab.limits import read_host_limits, source_addresses_for
+from lab.limits import read_host_limits
 
 EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lines
 READY_TIMEOUT_S = 60.0
@@ -291,6 +292,16 @@ class Coordinator:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGTERM)
 
+    def _tell_expected(self, publisher: Publisher | None) -> None:
+        """The publisher is done: tell the load processes the last id of its channel."""
+        if publisher is None or publisher.last_id is None:
+            return
+        msg = json.dumps({"expected": {publisher.channel: publisher.last_id}}) + "\n"
+        for child in self.children:
+            if child.returncode is None and child.stdin is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    child.stdin.write(msg.encode())
+
     async def _read(self, k: int, child: asyncio.subprocess.Process) -> None:
         assert child.stdout is not None and self.merger is not None
         while line := await child.stdout.readline():
@@ -358,6 +369,8 @@ class Coordinator:
         start_mono = loop.time() + (start_at - time.time())
         publisher = Publisher(self.publish) if self.publish else None
         pub_task = loop.create_task(publisher.run(start_mono)) if publisher else None
+        if pub_task is not None:
+            pub_task.add_done_callback(lambda _: self._tell_expected(publisher))
         hard_end = start_mono + (args.max_duration or self.schedule.end_s + 3600.0) + STOP_GRACE_S
         tick = 1
         killed_at: float | None = None
@@ -455,7 +468,7 @@ def prepare(
             raise UsageError(f"--procs {args.procs!r}: give a number >= 1 or auto") from exc
     destinations = len({t.addr for t in targets})
     loopback = all(is_loopback_host(t.host) for t in targets)
-    needed = source_addresses_for(-(-peak // max(1, destinations)), limits)
+    needed = sources_needed(-(-peak // max(1, destinations)), limits)
     try:
         sources = parse_source_ips(args.source_ips, needed=needed, loopback=loopback)
     except ValueError as exc:

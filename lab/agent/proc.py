@@ -37,7 +37,8 @@ from lab.agent.session import CLIENTS, SessionKind, Shared, State, Target, class
 from lab.limits import raise_nofile_soft_limit
 
 BATCH = 256  # opens/closes per scheduler turn before yielding to I/O
-CLOSE_GRACE_S = 3.0  # how long a clean close may take at the end before aborting
+CLOSE_GRACE_S = 3.0
+TIMER_SLACK_S = 0.001  # how long a clean close may take at the end before aborting
 
 
 class ProcConfigJSON(TypedDict, total=False):
@@ -173,7 +174,9 @@ class LoadProcess:
             else:
                 loop.call_at(self.t0 + end, self._pump)
             return
-        loop.call_at(self.t0 + nxt, self._pump)
+        # the loop's timers have 1 ms resolution and may fire up to 1 ms early: arm 1 ms late
+        # (lag <= 1 ms) rather than spin on early wake-ups
+        loop.call_at(self.t0 + nxt + TIMER_SLACK_S, self._pump)
 
     def _launch(self, i: int) -> None:
         """Start connection ``i``: a raw socket bound to its source address without a port
@@ -208,7 +211,7 @@ class LoadProcess:
             return
         client = self.client_cls(sh, i, tgt)
         sh.conns[i] = client
-        sh.pending[i] = asyncio.ensure_future(self._connect(i, sock, tgt, client))
+        sh.pending[i] = self.loop.create_task(self._connect(i, sock, tgt, client))  # type: ignore[union-attr]
 
     async def _connect(self, i: int, sock: Any, tgt: Target, client: Any) -> None:
         loop = self.loop
@@ -298,8 +301,11 @@ class LoadProcess:
         return line
 
     def _emit(self, line: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # the coordinator is gone; records still flush
+            pass
 
     def _on_tick(self) -> None:
         if self.done is None or self.done.is_set():
@@ -360,12 +366,48 @@ class LoadProcess:
         if self.max_duration_s:
             loop.call_at(self.t0 + float(self.max_duration_s), self._finish, "max_duration")
         self.ps.cpu_percent(None)
+        self._watch_stdin()
         loop.call_at(self.t0, self._pump)
         loop.call_at(self.t0 + 1, self._on_tick)
         await self.done.wait()
         self.tick += 1
         self._emit(self._line(final=True))
         return self.reason
+
+    def _watch_stdin(self) -> None:
+        """Commands from the coordinator after the start: ``{"expected": {channel: last_id}}``."""
+        assert self.loop is not None
+        fd = sys.stdin.fileno()
+        buf = bytearray()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # the coordinator is gone: stop cleanly rather than run orphaned
+                assert self.loop is not None
+                self.loop.remove_reader(fd)
+                self._finish("coordinator_gone")
+                return
+            buf.extend(chunk)
+            while b"\n" in buf:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                try:
+                    cmd = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(cmd, dict) and isinstance(cmd.get("expected"), dict):
+                    self.sh.expected.update({str(k): int(v) for k, v in cmd["expected"].items()})
+
+        try:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, readable)
+        except OSError:  # not a pipe (run by hand): no commands
+            pass
 
     def save_records(self) -> None:
         path = self.cfg.get("records_path")

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -94,6 +94,7 @@ class Publisher:
         self.spec = spec
         parts = urlsplit(spec.url)
         self.host = parts.hostname or "127.0.0.1"
+        self.channel = unquote(parts.path[len("/pub/") :])
         self.port = parts.port or 80
         auth = f"Authorization: Bearer {spec.token}\r\n" if spec.token else ""
         self.head = (

@@ -164,6 +164,7 @@ class Shared:
         "conns",
         "counters",
         "delivery_hist",
+        "expected",
         "pending",
         "records",
         "subscribe_frames",
@@ -177,6 +178,9 @@ class Shared:
         self.delivery_hist = Histogram("us")
         self.conns: list[Client | None] = [None] * records.n
         self.pending: dict[int, Any] = {}  # index -> connect task or handshaking client
+        # last id published per channel, once the publisher is done: a connection that closes
+        # without having seen it counts the missing tail as lost
+        self.expected: dict[str, int] = {}
         self.close_frame = Frame(OP_CLOSE, Close(1000, "").serialize()).serialize(mask=True)
         self.subscribe_frames = b"".join(
             Frame(OP_TEXT, json.dumps({"subscribe": ch}).encode()).serialize(mask=True)
@@ -294,6 +298,11 @@ class Client(asyncio.Protocol):
             return
         self.st = State.CLOSING
         sh = self.sh
+        if self.chs and sh.expected:
+            for ch, st in self.chs.items():
+                last = sh.expected.get(ch)
+                if last is not None and last > st[0]:
+                    sh.counters.lost += last - st[0]
         sh.records.closed[self.i] = sh.clock()
         sh.counters.closed += 1
         sh.counters.open -= 1

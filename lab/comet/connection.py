@@ -293,8 +293,7 @@ class HttpConn(asyncio.Protocol):
                 self._respond(503, b'{"ok":false}\n', req.keep_alive)
 
     def _upgrade(self, req: Request, leftover: bytes) -> None:
-        worker = self.worker
-        worker.messages += 1
+        worker = self.worker  # the upgrade is part of the connect event, not a message
         try:
             target = parse_target(req.method, req.url)
         except HttpError as exc:

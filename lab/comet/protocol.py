@@ -10,9 +10,14 @@ server answers. Wire formats (the contract with clients, e.g. ``lab.agent``):
   increasing by one from 1;
 - WebSocket: one text frame per envelope; client commands ``{"subscribe": "C"}`` and
   ``{"unsubscribe": "C"}`` are answered ``{"subscribed": "C"}`` / ``{"unsubscribed": "C"}``;
-- long-poll ``GET /lp``: ``200`` with a JSON array of envelopes (oldest first), or ``204``;
-- SSE ``GET /sse``: ``id: <id>`` and ``data: <envelope JSON>`` per event;
-- ``POST /pub/<channel>``: ``200 {"id": N}`` once the message is sequenced.
+- long-poll ``GET /lp?channel=A&since=ID&timeout=S``: ``200`` with a JSON array of envelopes
+  (oldest first) that the history holds after ``since`` (the same ``since`` for every
+  ``channel`` given), else the next message as soon as it comes, else ``204`` after ``S``
+  seconds (default 25); without ``since`` it waits for the next message. Keep-alive works;
+- SSE ``GET /sse?channel=A``: ``id: <id>`` and ``data: <envelope JSON>`` per event; the
+  ``Last-Event-ID`` header (or ``?lastEventId=``) replays what the history holds after it;
+- ``POST /pub/<channel>``: ``200 {"id": N}`` once the message is sequenced; every HTTP error
+  is a JSON ``{"error": "..."}`` naming the problem and the fix.
 """
 
 from __future__ import annotations

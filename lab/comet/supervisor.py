@@ -16,9 +16,11 @@ import errno
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +63,10 @@ class ParentLink(asyncio.Protocol):
         self.sup = sup
         self.slot = slot
         self.decoder = Decoder()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -72,11 +78,49 @@ class ParentLink(asyncio.Protocol):
             self.sup.on_worker_message(self.slot, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.slot.ready = False
-        self.slot.link = None
+        if self.slot.link is self.transport:  # not a newer worker's link in the same slot
+            self.slot.ready = False
+            self.slot.link = None
+
+
+class ConsoleWriter:
+    """Writes stdout/stderr lines from a thread: a stalled reader (an SSH stream) must never
+    block the event loop that sequences publishes. Lines past ``limit`` queued are dropped
+    (the --out file has them all)."""
+
+    def __init__(self, limit: int = 600) -> None:
+        self._queue: queue.Queue[tuple[IO[str], str] | None] = queue.Queue(limit)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread.start()
+
+    def put(self, stream: IO[str], text: str) -> None:
+        try:
+            self._queue.put_nowait((stream, text))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        broken: set[int] = set()
+        while (item := self._queue.get()) is not None:
+            stream, text = item
+            if id(stream) in broken:
+                continue
+            try:
+                stream.write(text + "\n")
+                stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                broken.add(id(stream))
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout_s)
+        self._thread.join(timeout_s)
 
 
 class Supervisor:
+    """The parent process: worker slots, the sequencer, the console; ``run()`` until stopped."""
+
     def __init__(self, config: ServerConfig, limits: HostLimits | None = None) -> None:
         self.config = config
         self.limits = limits or read_host_limits()
@@ -89,7 +133,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._all_ready = asyncio.Event()
         self._out: IO[str] | None = None
-        self._stdout_ok = True
+        self._console = ConsoleWriter()
 
     # ------------------------------------------------------------------ control messages
 
@@ -169,7 +213,17 @@ class Supervisor:
         backoff = BACKOFF_MIN_S
         while not self.stopping:
             started = time.monotonic()
-            proc = await self._spawn(slot)
+            try:
+                proc = await self._spawn(slot)
+            except OSError as exc:
+                if not slot.ever_ready:
+                    self.failed = f"cannot start worker {slot.index}: {exc}"
+                    self.begin_stop()
+                    return
+                log.error("cannot restart worker %d: %s; retrying", slot.index, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), BACKOFF_MAX_S)
+                continue
             rc = await proc.wait()
             slot.ready = False
             if slot.link is not None:
@@ -225,17 +279,12 @@ class Supervisor:
 
     def _emit(self, line: ServerLine) -> None:
         text = json.dumps(line, separators=(",", ":"))
-        if self._stdout_ok:
-            try:
-                sys.stdout.write(text + "\n")
-                sys.stdout.flush()
-            except (BrokenPipeError, ValueError):
-                self._stdout_ok = False
         if self._out is not None:
             self._out.write(text + "\n")
             self._out.flush()
+        self._console.put(sys.stdout, text)
         if not self.config.quiet:
-            print(console_text(line), file=sys.stderr, flush=True)
+            self._console.put(sys.stderr, console_text(line))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -307,6 +356,7 @@ class Supervisor:
         await self._stop_workers(tasks)
         reserved.close()
         self._emit(self._line())
+        self._console.close()
         if self._out is not None:
             self._out.close()
         if self.failed:

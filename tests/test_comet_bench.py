@@ -1,0 +1,45 @@
+"""bench/bench_comet.py runs end to end at a tiny size and prints every figure (the figures
+themselves are performance, reported by the benchmark, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_comet.py"
+
+
+def test_bench_comet_prints_its_figures() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "-n",
+            "60",
+            "-w",
+            "2",
+            "--accept-connections",
+            "60",
+            "--rounds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("accept+upgrade, 1 worker: 60 connections") for line in lines)
+    assert any("KiB summed worker USS per connection" in line for line in lines)
+    figures = json.loads(lines[-1])
+    assert figures["kind"] == "bench_comet"
+    assert figures["connections"] == 60 and figures["broadcast_delivered_min"] == 60
+    for key in (
+        "accept_rate_per_s",
+        "accept_cpu_us_per_conn",
+        "broadcast_all_ms",
+    ):
+        assert figures[key] > 0
+    assert isinstance(figures["uss_per_conn_bytes"], float)  # may be ~0 at this size
