@@ -435,36 +435,75 @@ class Engine:
         return None
 
     async def _teardown(self) -> None:
-        """SIGTERM every group, SIGKILL after the grace, verify nothing of the run is left."""
-        hosts = sorted(self.rundirs)
+        """Stop agents, then servers, then monitors (so agents close their own connections
+        and monitors see it all): SIGTERM each group, SIGKILL after the grace; then sweep
+        every host for processes of the run and record what was left."""
+        from lab.plan import Role
 
-        async def one(name: str) -> None:
-            info = self.hosts[name]
+        hosts = sorted(self.rundirs)
+        conns: dict[str, HostConnection] = {}
+        groups: dict[str, dict[Role, set[int]]] = {}
+
+        async def find(name: str) -> None:
             conn = await self._reachable(name)
             if conn is None:
-                info["teardown"] = {"unreachable": True}
+                self.hosts[name]["teardown"] = {"unreachable": True}
                 self._note(f"host {name!r} unreachable at teardown: its roles could not be stopped")
                 return
-            rundir = self.rundirs[name]
-            found = await conn.run(f"cat {shlex.quote(rundir)}/*.pgid 2>/dev/null", check=False)
-            pgids = {int(x) for x in found.stdout.split() if x.isdigit()}
-            pgids |= {r.pgid for r in self.roles if r.launch.host == name and r.pgid}
+            conns[name] = conn
+            roles = {x.name: x.role for x in (self.plan.launches if self.plan else ())}
+            pattern = shlex.quote(self.rundirs[name]) + "/*.pgid"
+            found = await conn.run(f"grep -H . {pattern} 2>/dev/null", check=False)
+            by_role: dict[Role, set[int]] = {role: set() for role in Role}
+            for line in found.stdout.splitlines():
+                path, _, pgid = line.rpartition(":")
+                launch_name = path.rsplit("/", 1)[-1].removesuffix(".pgid")
+                if pgid.strip().isdigit():
+                    by_role[roles.get(launch_name, Role.MONITOR)].add(int(pgid))
+            for r in self.roles:
+                if r.launch.host == name and r.pgid:
+                    by_role[r.launch.role].add(r.pgid)
+            groups[name] = by_role
+            self.hosts[name]["teardown"] = {"terminated": [], "killed": [], "strays": []}
+
+        async def stop(name: str, pgids: set[int], sweep: bool) -> None:
+            if not pgids and not sweep:
+                return
             grace = 0.5 if self.hurry else STOP_GRACE_S
-            python = self.exp.host(name).python
             q = shlex.quote
-            cmd = f"{q(python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} {grace:g} " + " ".join(
-                str(g) for g in sorted(pgids)
+            args = " ".join(str(g) for g in sorted(pgids))
+            cmd = (
+                f"{q(self.exp.host(name).python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} "
+                f"{grace:g} {'sweep' if sweep else 'nosweep'} {args}"
             )
-            res = await conn.run(cmd, check=False, timeout_s=grace + 60)
+            res = await conns[name].run(cmd, check=False, timeout_s=grace + 60)
+            info = self.hosts[name]["teardown"]
             try:
                 report = json.loads(res.stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
-                report = {"error": res.stderr.strip()[-500:]}
-            info["teardown"] = report
-            if report.get("left"):
-                self._note(f"host {name!r}: processes of the run still alive: {report['left']}")
+                info.setdefault("errors", []).append(res.stderr.strip()[-500:])
+                return
+            for key in ("terminated", "killed", "strays"):
+                info[key] += report[key]
+            if sweep:
+                info["left"] = report["left"]
+                if report["left"]:
+                    self._note(f"host {name!r}: processes of the run still alive: {report['left']}")
 
-        await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
+        def report(what: str, names: Sequence[str], results: Sequence[object]) -> None:
+            for name, res in zip(names, results, strict=True):
+                if isinstance(res, Exception):
+                    self._note(f"host {name!r}: {what} failed: {describe(res)}")
+
+        found = await asyncio.gather(*(find(h) for h in hosts), return_exceptions=True)
+        report("finding the process groups", hosts, found)
+        for role in (Role.AGENT, Role.SERVER, Role.MONITOR):
+            names = sorted(groups)
+            sweep = role is Role.MONITOR
+            results = await asyncio.gather(
+                *(stop(h, groups[h][role], sweep) for h in names), return_exceptions=True
+            )
+            report(f"stopping the {role.value} roles", names, results)
         readers = [r.reader for r in self.roles if r.reader is not None]
         if readers:
             await asyncio.wait(readers, timeout=5)

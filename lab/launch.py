@@ -4,8 +4,9 @@
 SSH: ``setsid`` gives the role its own process group (its id is printed first as ``@pgid N`` and
 left in ``<name>.pgid``), stderr goes to ``<name>.stderr.log`` in the run dir, and
 ``COMET_LAB_RUN_ID`` marks every process of the run. ``STOP_SCRIPT`` (run with the host's bare
-python) sends SIGTERM to the groups, SIGKILL after the grace period, then finds any process
-still carrying the run's marker, kills it and reports what was left. Used by ``lab.engine``.
+python: ``RUN_ID GRACE_S sweep|nosweep PGID...``) sends SIGTERM to the groups, SIGKILL after the
+grace period, and with ``sweep`` finds any process still carrying the run's marker, kills it
+and reports what was left. Used by ``lab.engine``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def role_command(
 # any process of this run (COMET_LAB_RUN_ID in its environment) and KILL it too.
 STOP_SCRIPT = r"""
 import json, os, re, signal, sys, time
-run_id, grace, pgids = sys.argv[1], float(sys.argv[2]), [int(g) for g in sys.argv[3:]]
+run_id, grace, sweep = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "sweep"
+pgids = [int(g) for g in sys.argv[4:]]
 marker = ("COMET_LAB_RUN_ID=" + run_id).encode()
 role = re.compile(rb"lab\.(comet|agent|monitor)")
 def alive(g):
@@ -113,14 +115,15 @@ for g in pgids:
             os.killpg(g, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-strays = ours()
+strays = ours() if sweep else []
 for p in strays:
     try:
         os.kill(p["pid"], signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 time.sleep(0.2 if strays else 0)
-print(json.dumps({"terminated": signalled, "killed": killed, "strays": strays, "left": ours()}))
+left = ours() if sweep else []
+print(json.dumps({"terminated": signalled, "killed": killed, "strays": strays, "left": left}))
 """
 
 HEALTH_SCRIPT = r"""

@@ -156,6 +156,7 @@ def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert sum(1 for n in rows.values() if n > 0) >= 3, rows
     assert record["summary"]["peak_connections"] >= 200
     assert record["summary"]["connect_errors"] == 0
+    assert record["summary"]["messages_received"] == 200 * 5  # every broadcast to everyone
     assert all(t["passed"] for t in record["thresholds"])
     assert {r["name"] for r in record["roles"]} == {"monitor@local", "server", "agent-0"}
     assert all(r["pgid"] for r in record["roles"])
@@ -226,7 +227,7 @@ def netns_experiment(
         "session": {"kind": "websocket", "channel": "news"},
         "phases": [{"rate_per_s": 300, "until_connections": 300}, {"hold_s": hold_s},
                    {"close": "all"}],
-        "publishing": {"channel": "news", "rate_per_s": 5, "count": 5},
+        "publishing": {"channel": "news", "rate_per_s": 5, "count": 5, "start_after_s": 1.5},
         "monitor": {"interval_s": 0.5},
         "thresholds": [{"metric": "peak_connections", "op": ">=", "value": 300}],
         "max_duration_s": max_duration_s,
@@ -256,6 +257,8 @@ def test_full_run_over_openssh(lab_hosts: list[NetnsHost], tmp_path: Path) -> No
     assert (folder / "raw" / names[1] / "agent-0.jsonl").is_file()
     assert (folder / "raw" / names[2] / "agent-1.jsonl").is_file()
     assert record["summary"]["peak_connections"] >= 300
+    assert record["summary"]["connect_errors"] == 0
+    assert record["summary"]["messages_received"] == 300 * 5  # across hosts, to everyone
     assert run_processes(record["run_id"]) == {}
     # no secrets in the results: the publish token is masked everywhere
     for path in folder.rglob("*"):

@@ -8,6 +8,7 @@
 
 - ``schedule``    pure: phases -> per-connection open/close offsets (uniform or seeded Poisson)
 - ``capacity``    pure checks before any connection: files, ports × addresses, memory
+- ``target``      a destination URL parsed once, with its prepared first request
 - ``session``     the client protocols (websocket, generic, longpoll, sse)
 - ``proc``        one load process (its shard of the schedule)
 - ``coordinator`` the parent: capacity, processes, merged stream, records, publisher

@@ -37,7 +37,7 @@ from lab.agent.proc import ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
 from lab.agent.records import FAILURES, append_file
 from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
-from lab.agent.session import SessionKind, make_target
+from lab.agent.target import SessionKind, make_target
 from lab.histogram import Histogram
 from lab.limits import read_host_limits
 

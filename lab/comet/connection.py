@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import enum
+import hmac
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -369,7 +370,7 @@ class HttpConn(asyncio.Protocol):
     def _publish(self, target: Target, req: Request) -> None:
         worker = self.worker
         token = worker.token_header
-        if token is not None and req.auth != token:
+        if token is not None and not hmac.compare_digest(req.auth or b"", token):
             self._fail(
                 401,
                 "publishing needs 'Authorization: Bearer <token>' with the server's "

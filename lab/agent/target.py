@@ -1,0 +1,88 @@
+"""Where a session connects: the destination URL parsed once, and its first request bytes.
+
+What it is for: the load process builds one ``Target`` per ``--url`` before the start, so that
+each connection only writes bytes prepared in advance (the WebSocket upgrade request with a
+fixed key and its expected ``Sec-WebSocket-Accept``, the SSE or first long-poll request).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from websockets.utils import accept_key
+
+
+class SessionKind(enum.Enum):
+    WEBSOCKET = "websocket"
+    LONGPOLL = "longpoll"
+    SSE = "sse"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One destination: where to connect and the request bytes to send first."""
+
+    kind: SessionKind
+    host: str
+    port: int
+    path: str  # path without the query
+    query: str
+    channel: str
+    request: bytes  # the first request (upgrade / SSE / first long-poll)
+    accept: bytes  # expected Sec-WebSocket-Accept (websocket kinds)
+    family: int = socket.AF_INET
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> Target:
+    """Parse ``url`` for ``kind``; raises ValueError naming the problem and the fix."""
+    parts = urlsplit(url)
+    want = {"ws", "wss"} if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC) else {"http"}
+    if parts.scheme not in want:
+        path = {SessionKind.LONGPOLL: "lp", SessionKind.SSE: "sse"}.get(kind, "ws")
+        example = f"{'ws' if 'ws' in want else 'http'}://127.0.0.1:8080/{path}?channel=bench"
+        raise ValueError(
+            f"--url {url!r}: session {kind.value} needs a {'/'.join(sorted(want))}:// URL "
+            f"(e.g. {example})"
+        )
+    if parts.scheme == "wss":
+        raise ValueError(f"--url {url!r}: TLS (wss://) is not supported; use ws://")
+    if not parts.hostname:
+        raise ValueError(f"--url {url!r}: no host; give e.g. ws://127.0.0.1:8080/ws")
+    host = parts.hostname
+    port = parts.port or 80
+    path = parts.path or "/"
+    query = parts.query
+    channels = parse_qs(query).get("channel", [])
+    channel = channels[0] if channels else ""
+    if kind in (SessionKind.LONGPOLL, SessionKind.SSE) and not channel:
+        raise ValueError(f"--url {url!r}: session {kind.value} needs ?channel=NAME")
+    hostport = f"{host}:{port}"
+    accept = b""
+    if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC):
+        key = base64.b64encode(os.urandom(16)).decode()
+        accept = accept_key(key).encode()
+        target = path + ("?" + query if query else "")
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    elif kind is SessionKind.SSE:
+        request = (
+            f"GET {path}?{query} HTTP/1.1\r\nHost: {hostport}\r\nAccept: text/event-stream\r\n"
+            "Cache-Control: no-cache\r\n\r\n"
+        ).encode()
+    else:
+        q = urlencode({"channel": channel, "timeout": lp_timeout_s})
+        request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return Target(kind, host, port, path, query, channel, request, accept, family)
