@@ -281,9 +281,9 @@ def bench_accept(n: int, window: int, clients: int = 1) -> dict[str, float]:
 
 
 def bench_memory_broadcast(
-    n: int, workers: int, rounds: int, payload_bytes: int, window: int
+    n: int, workers: int, rounds: int, payload_bytes: int, window: int, clients: int = 0
 ) -> dict[str, float]:
-    procs = max(1, math.ceil(n / PER_CLIENT_PROC))
+    procs = clients or max(1, math.ceil(n / PER_CLIENT_PROC))
     n_sources = math.ceil(n / PER_SOURCE_IP) if n > PER_SOURCE_IP else 0
     sources = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n_sources)]
     with ServerProcess(
@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--accept-clients", type=int, default=1, help="client processes for the accept test"
     )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help=f"client processes holding the N connections (default: one per {PER_CLIENT_PROC})",
+    )
     p.add_argument("--rounds", type=int, default=5, help="broadcast rounds (default 5)")
     p.add_argument(
         "--payload-bytes", type=int, default=64, help="broadcast message size (default 64)"
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     mem = bench_memory_broadcast(
-        args.connections, args.workers, args.rounds, args.payload_bytes, args.window
+        args.connections, args.workers, args.rounds, args.payload_bytes, args.window, args.clients
     )
     out.update(mem)
     print(

@@ -75,3 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     entry = getattr(module, ENTRY.get(name, "main"))
     return int(entry(rest, prog=f"lab {name}") or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

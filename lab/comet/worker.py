@@ -148,7 +148,6 @@ class Worker:
             msg = Message(message["ch"], message["id"], message["data"])
             subscribers = self.hub.record(msg)
             if subscribers:
-                _t0 = time.perf_counter(); _c0 = time.process_time()
                 out = Outgoing(msg)
                 frame = out.ws_frame  # serialized once, the same bytes to every WebSocket
                 for sub in subscribers:
@@ -158,7 +157,6 @@ class Worker:
                             transport.write(frame)
                     else:
                         sub.deliver(out)
-                print(f"deliver {len(subscribers)} in {(time.perf_counter()-_t0)*1e3:.1f} ms cpu {(time.process_time()-_c0)*1e3:.1f}", file=sys.stderr, flush=True)
             if message.get("w") == self.pid:
                 conn = self.pending.pop(message["req"], None)
                 if conn is not None:
