@@ -113,6 +113,70 @@ def serve(host: str, port: int) -> None:
     uvloop.run(main())
 
 
+# --- the floor: a raw asyncio client (runs in its own process with --raw) --------------------
+def raw_client(port: int, n: int, rate: float) -> None:
+    """Open ``n`` WebSocket upgrades at ``rate`` with the least code possible (one protocol
+    object, ``create_connection``, a fixed request, count the 101s); print CPU per connection.
+    The same machine, kernel and server: what the agent's figure should be compared with."""
+    import resource
+
+    import uvloop
+
+    from lab.limits import raise_nofile_soft_limit
+
+    raise_nofile_soft_limit()
+    req = (
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    state = {"done": 0}
+    held: list[Any] = []
+    box: dict[str, asyncio.Event] = {}
+
+    class Raw(asyncio.Protocol):
+        __slots__ = ("tr",)
+
+        def connection_made(self, tr: Any) -> None:
+            self.tr = tr
+            tr.write(req)
+
+        def data_received(self, data: bytes) -> None:
+            if data.startswith(b"HTTP/1.1 101"):
+                state["done"] += 1
+                if state["done"] == n:
+                    box["finished"].set()
+
+    async def main() -> None:
+        box["finished"] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = loop.time()
+        for i in range(n):
+            delay = t0 + i / rate - loop.time()
+            if delay > 0.001:
+                await asyncio.sleep(delay)
+            held.append(loop.create_task(loop.create_connection(Raw, "127.0.0.1", port)))
+        await asyncio.wait_for(box["finished"].wait(), 60)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        user = (r1.ru_utime - r0.ru_utime) / n * 1e6
+        system = (r1.ru_stime - r0.ru_stime) / n * 1e6
+        print(json.dumps({"user_us": user, "sys_us": system}), flush=True)
+
+    uvloop.run(main())
+
+
+def raw_floor(rate: float, n: int) -> dict:
+    srv = Server()
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--raw", str(srv.port), str(n), str(rate)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        return dict(json.loads(out.stdout.splitlines()[-1]))
+    finally:
+        srv.stop()
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 class Server:
     """The --serve subprocess; its last JSON line holds the upgrades per whole second."""
@@ -328,6 +392,13 @@ def bench(quick: bool) -> int:
                 f"kernel share {sys_us:.0f} µs: loopback TCP of both ends runs in its context)",
             )
         )
+        floor = raw_floor(rate, min(conns, 7500))
+        print(
+            f"  (floor on this machine now: a raw asyncio client doing only the upgrade "
+            f"at {rate}/s: "
+            f"{floor['user_us'] + floor['sys_us']:.0f} µs per connection, kernel "
+            f"{floor['sys_us']:.0f} µs)"
+        )
         results.append(
             check(
                 f"every whole ramp second within ±2% of {rate} (agent started)",
@@ -377,10 +448,14 @@ def _p99(line: dict) -> float:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", type=int, metavar="PORT", help="run only the minimal server")
+    ap.add_argument("--raw", nargs=3, metavar=("PORT", "N", "RATE"), help="run only the raw client")
     ap.add_argument("--quick", action="store_true", help="small counts (smoke-test the benchmark)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
+    if a.raw:
+        raw_client(int(a.raw[0]), int(a.raw[1]), float(a.raw[2]))
+        raise SystemExit(0)
     if a.serve is not None:
         serve("127.0.0.1", a.serve)
         raise SystemExit(0)

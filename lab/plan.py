@@ -27,7 +27,14 @@ from lab.experiment import (
     SessionKind,
     SubscribeBy,
 )
-from lab.limits import HostLimits, processes_for, source_addresses_for, workers_for
+from lab.limits import (
+    FAST_PORT_SHARE,
+    HostLimits,
+    fast_ports_per_pair,
+    processes_for,
+    source_addresses_for,
+    workers_for,
+)
 
 # Memory per connection used by the capacity check (generous: measured figures in DESIGN.md).
 SERVER_BYTES_PER_CONN = 12 * 1024
@@ -44,7 +51,6 @@ MONITOR_GRACE_S = 60.0
 SERVER_IMBALANCE = 1.25
 # New connections per second one agent process sustains comfortably (lab.agent.capacity).
 AGENT_RATE_PER_PROCESS = 6000.0
-USABLE_PORT_FRACTION = 0.95
 
 
 class CapacityError(ValueError):
@@ -193,9 +199,12 @@ def _agent_source_ips(
     exp: Experiment, host: str, conns: int, procs: int, lim: HostLimits, first_free: int
 ) -> tuple[str, ...]:
     """Source addresses for one agent host; () lets the kernel choose (one address)."""
-    usable = int(lim.ephemeral_ports * USABLE_PORT_FRACTION)
+    usable = fast_ports_per_pair(lim)  # past it, connect() slows down (lab.limits)
     needed = source_addresses_for(conns, lim)
-    ports = f"{lim.ephemeral_ports} ephemeral ports ({lim.port_low}-{lim.port_high})"
+    ports = (
+        f"{usable} fast ephemeral ports (of {lim.port_low}-{lim.port_high}: "
+        f"connect() slows down past {FAST_PORT_SHARE:.0%})"
+    )
     given = dict(exp.agents.source_ips_by_host).get(host, exp.agents.source_ips)
     if exp.server.kind is ServerKind.LAB_COMET:
         dest_loopback = _is_loopback(server_address(exp))
@@ -203,13 +212,19 @@ def _agent_source_ips(
         dest_loopback = _is_loopback(urlsplit(exp.server.url or "").hostname or "")
     if given is not None:
         if len(given) * usable < conns:
-            example = _fmt_range(2, needed) if dest_loopback else "addresses configured on the host"
+            if dest_loopback:
+                fix = f"add source addresses {_fmt_range(2, needed)} (agents.source_ips)"
+            else:
+                fix = (
+                    f"list at least {needed} addresses configured on {host} in "
+                    f"agents.source_ips.{host}, or widen net.ipv4.ip_local_port_range on {host}"
+                )
             raise CapacityError(
                 host,
                 "ephemeral ports × source addresses × destinations",
                 f"{len(given)} source address(es) × {ports} × 1 destination is below the "
                 f"{conns} connections of this host",
-                f"add source addresses {example} (agents.source_ips, at least {needed})",
+                fix,
             )
         return given
     if needed == 1:

@@ -18,6 +18,7 @@ REQUIRE_ALL = os.environ.get("COMET_LAB_REQUIRE_ALL") == "1"
 TOOLS: dict[str, tuple[str, ...]] = {
     "sshd": ("/usr/sbin/sshd",),
     "chromium": ("chromium", "chromium-browser", "/usr/bin/chromium"),
+    "curl": ("curl", "/usr/bin/curl"),
     "ip": ("ip", "/usr/sbin/ip", "/sbin/ip"),
 }
 

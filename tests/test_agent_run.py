@@ -149,7 +149,10 @@ def test_plan_file_with_two_processes_and_poisson(comet: int, tmp_path: Path) ->
     assert len(end["procs"]) == 3  # two load processes and the coordinator
     r = read_records(rec)
     n = len(r["conn"])
-    assert n > 150 and end["started"] == n == end["connected"] == end["closed"]
+    assert n > 150 and end["started"] == n
+    # under a loaded machine a connection may still be connecting when its close is due
+    assert end["connected"] + sum(end["failed"].values()) == n
+    assert end["closed"] == end["connected"] > n // 2
     assert Counter(r["proc"]) == {0: (n + 1) // 2, 1: n // 2}
 
 

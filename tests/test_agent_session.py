@@ -88,7 +88,7 @@ def test_each_session_receives_every_message_from_lab_comet(
         "--connections",
         "20",
         "--hold",
-        "2.5",
+        "3",
         "--records",
         str(rec),
         "--publish-url",
@@ -98,7 +98,7 @@ def test_each_session_receives_every_message_from_lab_comet(
         "--publish-count",
         "10",
         "--publish-delay",
-        "0.5",
+        "1.0",
     )
     assert rc == 0, err
     end = lines[-1]
@@ -129,7 +129,7 @@ def test_websocket_subscribe_frame_and_http_failure(comet: int) -> None:
         "--connections",
         "5",
         "--hold",
-        "1.5",
+        "2.5",
         "--publish-url",
         f"http://127.0.0.1:{comet}/pub/sub1",
         "--publish-rate",
@@ -137,7 +137,7 @@ def test_websocket_subscribe_frame_and_http_failure(comet: int) -> None:
         "--publish-count",
         "3",
         "--publish-delay",
-        "0.5",
+        "1.0",
     )
     assert rc == 0, err
     assert lines[-1]["msgs_in"] == 15

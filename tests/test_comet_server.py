@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def raw_exchange(server: ServerProcess, data: bytes) -> bytes:
 
 
 def assert_still_serving(server: ServerProcess) -> None:
+    assert not [line for line in server.stderr_lines if "Traceback" in line], server.stderr_lines
     status, body = get(server, "/stats")
     assert status == 200
     stats = json.loads(body)
@@ -368,3 +370,29 @@ def test_console_line_json_lines_and_out_file(tmp_path: Path) -> None:
     console = next(x for x in s.stderr_lines if x.startswith("online"))
     assert "uptime" in console and "w1 pid" in console and "PcS" in console
     assert out.read_text().splitlines() == s.stdout_lines
+
+
+UPGRADE = (
+    b"GET /ws?channel=fz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_garbage_never_crashes_the_worker(server: ServerProcess) -> None:
+    """Seeded random bytes, as an HTTP request and as WebSocket frames after an upgrade: every
+    connection ends (answered or closed) and the same worker keeps serving."""
+    rng = random.Random(1234)
+    prefixes = [
+        b"",
+        b"GET / HTTP/1.1\r\n",
+        b"POST /pub/x HTTP/1.1\r\nContent-Length: 9\r\n",
+        UPGRADE,
+    ]
+    for _ in range(120):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(rng.choice(prefixes) + junk)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+    assert_still_serving(server)

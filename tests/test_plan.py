@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab.experiment import Experiment, load_experiment
-from lab.limits import HostLimits
+from lab.limits import HostLimits, fast_ports_per_pair
 from lab.plan import CapacityError, Role, make_plan, split_evenly
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +42,9 @@ def test_c64k_shards_under_this_machines_limits() -> None:
     assert argv_value(agent.argv, "--hold") == "60"
     procs = int(argv_value(agent.argv, "--procs"))
     ips = argv_value(agent.argv, "--source-ips").split(",")
-    assert procs == 4 and len(ips) >= 3 and ips[0] == "127.0.0.2"
+    assert procs == 4 and len(ips) == 6 and ips[0] == "127.0.0.2"
     assert 64000 / procs <= MACHINE.conns_per_process
-    assert 64000 / len(ips) <= MACHINE.ephemeral_ports
+    assert 64000 / len(ips) <= fast_ports_per_pair(MACHINE)
     assert agent.stream_file == "agent-0.jsonl" and agent.fetch_globs == ("agent-0*.rec",)
     assert argv_value(agent.argv, "--url") == "ws://127.0.0.1:18080/ws?channel=idle"
     assert plan.max_duration_s == e.max_duration_s
@@ -68,7 +68,8 @@ def test_too_few_source_addresses() -> None:
     with pytest.raises(CapacityError) as info:
         make_plan(e, limits(e))
     assert "ports" in info.value.limit
-    assert "add source addresses 127.0.0.2-4" in info.value.fix
+    # 12,704 fast ports per pair (45% of 28,232): 64,000 need 6 addresses
+    assert "add source addresses 127.0.0.2-7" in info.value.fix
 
 
 def test_memory_is_checked() -> None:
@@ -101,16 +102,21 @@ def test_hosts_split_rate_and_connections_between_agent_hosts() -> None:
     assert [argv_value(a.argv, "--rate") for a in agents] == ["1250", "1250"]
     assert all(argv_value(a.argv, "--url").startswith("ws://198.18.0.10:18080/") for a in agents)
     assert "--publish-url" not in agents[1].argv
+    assert argv_value(agents[0].argv, "--source-ips") == "198.18.0.11,198.18.0.21"
 
 
 def test_hosts_with_the_default_port_range_need_source_addresses() -> None:
-    e = exp("c64k-hosts")
+    e = exp("c64k-hosts")  # two addresses per agent host: enough only with a wide range
     with pytest.raises(CapacityError) as info:
         make_plan(e, limits(e))
-    assert "ip_local_port_range" in info.value.fix and info.value.host == "a1"
-    ok = exp("c64k-hosts", **{"agents.source_ips": "{a1: 198.18.0.2-3, a2: 198.18.0.4-5}"})
+    assert info.value.host == "a1" and "at least 3" in info.value.fix
+    assert "ip_local_port_range" in info.value.fix
+    ok = exp("c64k-hosts", **{"agents.source_ips": "{a1: 198.18.0.2-4, a2: 198.18.0.5-7}"})
     agents = make_plan(ok, limits(ok)).stage(Role.AGENT)
-    assert argv_value(agents[1].argv, "--source-ips") == "198.18.0.4,198.18.0.5"
+    assert argv_value(agents[1].argv, "--source-ips") == "198.18.0.5,198.18.0.6,198.18.0.7"
+    auto = exp("c64k-hosts", **{"agents.source_ips": "auto"})
+    with pytest.raises(CapacityError, match="only loopback addresses can be chosen"):
+        make_plan(auto, limits(auto))
 
 
 def test_plan_is_deterministic() -> None:

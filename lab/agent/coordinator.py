@@ -205,11 +205,11 @@ class Merger:
     ) -> dict[str, Any]:
         """The merged line for whole second ``tick`` after the start (None: now, the end)."""
         now = time.time()
-        elapsed = float(tick) if tick is not None else round(now - self.start_at, 3)
+        elapsed = float(tick) if tick is not None else max(0.0, round(now - self.start_at, 3))
         lines = list(self.latest.values())
         out: dict[str, Any] = {
             "kind": kind,
-            "t": self.start_at + elapsed,
+            "t": self.start_at + elapsed if tick is not None else now,
             "agent": self.agent,
             "elapsed_s": elapsed,
             "planned": self.schedule.planned_by(elapsed),
@@ -318,6 +318,8 @@ class Coordinator:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         args = self.args
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signal, "signal")
         for cfg in self.cfgs:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -331,8 +333,6 @@ class Coordinator:
             assert child.stdin is not None
             child.stdin.write((json.dumps(cfg) + "\n").encode())
             await child.stdin.drain()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signal, "signal")
         for k, child in enumerate(self.children):
             assert child.stdout is not None
             try:
@@ -340,17 +340,25 @@ class Coordinator:
             except TimeoutError:
                 ready = b""
             if b"ready" not in ready:
+                interrupted = bool(self.stop_reason)
                 self._signal("failed")
                 for c in self.children:
                     await c.wait()
+                if interrupted:
+                    break
                 print(
                     f"lab.agent: load process {k} did not start (see its error above)",
                     file=sys.stderr,
                 )
                 return 1
-        if self.stop_reason:  # a signal while starting: nothing ran
+        if self.stop_reason:  # a signal while starting: nothing ran; rows are not_started
             for c in self.children:
+                if c.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        c.send_signal(signal.SIGTERM)
                 await c.wait()
+            self._join_records()
+            print("lab.agent: stopped by a signal before the start", file=sys.stderr)
             return 0
         start_at = args.start_at if args.start_at is not None else time.time() + 0.5
         if start_at < time.time() - 1.0:

@@ -87,6 +87,12 @@ class Request:
         self.keep_alive = False
 
 
+CORS_PREFLIGHT = (
+    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID, Cache-Control"),
+    ("Access-Control-Max-Age", "600"),
+)
+
 # lower-cased header name -> the Request slot that keeps its raw value
 _HEADER_FIELDS = {
     b"upgrade": "upgrade_header",
@@ -268,6 +274,9 @@ class HttpConn(asyncio.Protocol):
         worker = self.worker
         worker.messages += 1
         self.keep = req.keep_alive
+        if req.method == "OPTIONS":  # a browser's CORS preflight (e.g. POST with Authorization)
+            self._respond(204, b"", req.keep_alive, CORS_PREFLIGHT)
+            return
         try:
             last_event_id = req.last_event_id
             target = parse_target(
@@ -443,12 +452,14 @@ class HttpConn(asyncio.Protocol):
             self.worker.hub.unsubscribe(self, channel)
         self.channels = _EMPTY
 
-    def _respond(self, status: int, body: bytes, keep_alive: bool) -> None:
+    def _respond(
+        self, status: int, body: bytes, keep_alive: bool, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         transport = self.transport
         if transport is None:
             return
         keep_alive = keep_alive and not self.worker.stopping
-        transport.write(http_response(status, body, keep_alive=keep_alive))
+        transport.write(http_response(status, body, keep_alive=keep_alive, extra=extra))
         if not keep_alive:
             self.mode = Mode.CLOSING
             self.parser = None

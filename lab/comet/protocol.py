@@ -17,7 +17,8 @@ server answers. Wire formats (the contract with clients, e.g. ``lab.agent``):
 - SSE ``GET /sse?channel=A``: ``id: <id>`` and ``data: <envelope JSON>`` per event; the
   ``Last-Event-ID`` header (or ``?lastEventId=``) replays what the history holds after it;
 - ``POST /pub/<channel>``: ``200 {"id": N}`` once the message is sequenced; every HTTP error
-  is a JSON ``{"error": "..."}`` naming the problem and the fix.
+  is a JSON ``{"error": "..."}`` naming the problem and the fix;
+- CORS: every answer allows any origin, and ``OPTIONS`` (a browser's preflight) answers 204.
 """
 
 from __future__ import annotations
