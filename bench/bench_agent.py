@@ -269,7 +269,7 @@ def run_agent(
             sample_at_hold
             and not hold_sample
             and d["kind"] == "agent"
-            and d["elapsed_s"] >= ramp_s + 1.0
+            and d["elapsed_s"] >= ramp_s
             and d["open"] >= conns * 0.99
         ):
             with contextlib.suppress(psutil.Error):

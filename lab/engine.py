@@ -474,7 +474,7 @@ class Engine:
             args = " ".join(str(g) for g in sorted(pgids))
             cmd = (
                 f"{q(self.exp.host(name).python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} "
-                f"{grace:g} {'sweep' if sweep else 'nosweep'} {args}"
+                f"{q(name)} {grace:g} {'sweep' if sweep else 'nosweep'} {args}"
             )
             res = await conns[name].run(cmd, check=False, timeout_s=grace + 60)
             info = self.hosts[name]["teardown"]

@@ -3,10 +3,12 @@
 ``role_command`` turns a ``lab.plan.RoleLaunch`` into the shell command the controller runs over
 SSH: ``setsid`` gives the role its own process group (its id is printed first as ``@pgid N`` and
 left in ``<name>.pgid``), stderr goes to ``<name>.stderr.log`` in the run dir, and
-``COMET_LAB_RUN_ID`` marks every process of the run. ``STOP_SCRIPT`` (run with the host's bare
-python: ``RUN_ID GRACE_S sweep|nosweep PGID...``) sends SIGTERM to the groups, SIGKILL after the
-grace period, and with ``sweep`` finds any process still carrying the run's marker, kills it
-and reports what was left. Used by ``lab.engine``.
+``COMET_LAB_RUN_ID`` marks every process of the run (``COMET_LAB_HOST`` the inventory host it
+was started for). ``STOP_SCRIPT`` (run with the host's bare python: ``RUN_ID HOST GRACE_S
+sweep|nosweep PGID...``) sends SIGTERM to the groups, SIGKILL after the grace period, and with
+``sweep`` finds any process still carrying both markers, kills it and reports what was left
+(the host marker keeps hosts that share a kernel, as network-namespace hosts do, from sweeping
+each other's roles). Used by ``lab.engine``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def role_command(
     """The shell command that starts one role in its own process group (``setsid``).
 
     The group leader prints ``@pgid N`` first and leaves ``<name>.pgid`` in the run dir; stderr
-    goes to ``<name>.stderr.log``; ``COMET_LAB_RUN_ID`` marks every process of the run.
+    goes to ``<name>.stderr.log``; ``COMET_LAB_RUN_ID`` marks every process of the run and
+    ``COMET_LAB_HOST`` the host it runs for.
     """
     q = shlex.quote
     log = q(f"{launch.name}.stderr.log")
@@ -64,18 +67,22 @@ def role_command(
         inner = f"exec {q(python)} -m {MODULES[launch.role.value]} {args} 2>> {log}"
     wrapper = f'echo $$ > {q(launch.name + ".pgid")}; echo "@pgid $$"; {inner}'
     return (
-        f"cd {q(rundir)} && COMET_LAB_RUN_ID={q(run_id)} PYTHONUNBUFFERED=1 "
+        f"cd {q(rundir)} && COMET_LAB_RUN_ID={q(run_id)} COMET_LAB_HOST={q(launch.host)} "
+        "PYTHONUNBUFFERED=1 "
         f"exec setsid -w sh -c {q(wrapper)}"
     )
 
 
 # Runs on a host with its bare python: TERM the groups, wait, KILL what is left, then look for
-# any process of this run (COMET_LAB_RUN_ID in its environment) and KILL it too.
+# any process of this run on this host (COMET_LAB_RUN_ID and COMET_LAB_HOST in its environment)
+# and KILL it too.
 STOP_SCRIPT = r"""
 import json, os, re, signal, sys, time
-run_id, grace, sweep = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "sweep"
-pgids = [int(g) for g in sys.argv[4:]]
+run_id, host = sys.argv[1], sys.argv[2]
+grace, sweep = float(sys.argv[3]), sys.argv[4] == "sweep"
+pgids = [int(g) for g in sys.argv[5:]]
 marker = ("COMET_LAB_RUN_ID=" + run_id).encode()
+host_marker = ("COMET_LAB_HOST=" + host).encode()
 role = re.compile(rb"lab\.(comet|agent|monitor)")
 def alive(g):
     try:
@@ -93,7 +100,7 @@ def ours():
             cmd = open("/proc/%s/cmdline" % p, "rb").read().replace(b"\0", b" ")
         except OSError:
             continue
-        if marker in env:
+        if marker in env and host_marker in env:
             found.append({"pid": int(p), "role": bool(role.search(cmd)),
                           "cmd": cmd.decode("utf-8", "replace")[:200]})
     return found

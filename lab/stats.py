@@ -438,6 +438,11 @@ def _agent_percentiles(tables: Tables, metric: str, origin: float) -> pd.DataFra
     return out.rename_axis("elapsed_s").reset_index()[cols]
 
 
+# Per-connection outcomes that are not errors: never started (the run ended first), or still
+# connecting when the run was interrupted (``pending``, counted in ``connections_pending``).
+NOT_ERRORS = ("ok", "not_started", "pending")
+
+
 def errors_frame(tables: Tables) -> pd.DataFrame:
     """Connect errors by reason per second: elapsed_s, reason, errors. From the agents'
     cumulative ``failed_<reason>`` counters (the per-connection outcomes when there are none)."""
@@ -451,7 +456,7 @@ def errors_frame(tables: Tables) -> pd.DataFrame:
         long["reason"] = long["reason"].str.removeprefix("failed_")
     else:
         conns = tables.connections
-        bad = conns[~conns["outcome"].isin(["ok", "not_started"]) & conns["outcome"].notna()]
+        bad = conns[~conns["outcome"].isin(NOT_ERRORS) & conns["outcome"].notna()]
         when = bad["started"].fillna(bad["scheduled"]).astype("float64")
         long = pd.DataFrame(
             {"elapsed_s": np.floor(when - origin), "reason": bad["outcome"], "errors": 1.0}
@@ -495,12 +500,14 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
 
     if has_records:
         outcomes = conns["outcome"].astype("string")
-        bad = outcomes.notna() & ~outcomes.isin(["ok", "not_started"])
+        bad = outcomes.notna() & ~outcomes.isin(NOT_ERRORS)
         summary["connect_errors"] = int(bad.sum())
+        summary["connections_pending"] = int((outcomes == "pending").sum())
         summary["planned_connections"] = len(conns)
     else:
         failed = [c for c in tables.agent.columns if c.startswith("failed_")]
         summary["connect_errors"] = int(sum(_last_per_agent(tables.agent, c) for c in failed))
+        summary["connections_pending"] = None  # only the per-connection records tell
         summary["planned_connections"] = int(_last_per_agent(tables.agent, "planned"))
 
     rates = rate_frame(tables)

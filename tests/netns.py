@@ -4,8 +4,11 @@
 namespace per host joined to it by a veth pair (198.18.N.10+i), starts ``/usr/sbin/sshd`` inside
 each with a generated host key and an authorized client key, and yields ``NetnsHost`` records
 whose ``spec`` is a ``lab.experiment.HostSpec`` that reaches the host with host-key checking on
-(a per-test known_hosts file). Everything is torn down afterwards: processes in the namespaces,
-the namespaces, the bridge. Needs root, ``ip`` and ``sshd`` (use ``require`` in the test).
+(a per-test known_hosts file). ``netns_inventory_hosts(inventory, tmp, home, extra)`` builds
+the hosts of an inventory file instead, at its addresses and with extra addresses per host, so
+that exactly that file reaches them (its key_file and known_hosts are written under ``home``).
+Everything is torn down afterwards: processes in the namespaces, the namespaces, the bridge.
+Needs root, ``ip`` and ``sshd`` (use ``require`` in the test).
 """
 
 from __future__ import annotations

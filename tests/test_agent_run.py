@@ -145,14 +145,14 @@ def test_plan_file_with_two_processes_and_poisson(comet: int, tmp_path: Path) ->
     )
     assert p.returncode == 0, p.stderr
     end = json.loads(p.stdout.splitlines()[-1])
-    assert end["outcome"] == "completed"
-    assert len(end["procs"]) == 3  # two load processes and the coordinator
+    assert end["outcome"] == "completed", end
+    assert len(end["procs"]) == 3, end  # two load processes and the coordinator
     r = read_records(rec)
     n = len(r["conn"])
-    assert n > 150 and end["started"] == n
+    assert n > 150 and end["started"] == n, (n, end)
     # under a loaded machine a connection may still be connecting when its close is due
-    assert end["connected"] + sum(end["failed"].values()) == n
-    assert end["closed"] == end["connected"] > n // 2
+    assert end["connected"] + sum(end["failed"].values()) == n, (n, end)
+    assert end["closed"] == end["connected"] > n // 2, (n, end)
     assert Counter(r["proc"]) == {0: (n + 1) // 2, 1: n // 2}
 
 

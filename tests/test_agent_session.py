@@ -275,7 +275,8 @@ def test_source_addresses_are_used_round_robin() -> None:
     srv = ScriptedServer([])
     try:
         rc, lines, err = run_agent(
-            "--url", f"ws://127.0.0.1:{srv.port}/a", "--source-ips", "127.0.0.2-127.0.0.3,127.0.0.7",
+            "--url", f"ws://127.0.0.1:{srv.port}/a",
+            "--source-ips", "127.0.0.2-127.0.0.3,127.0.0.7",
             "--rate", "200", "--connections", "30", "--hold", "0.5", "--procs", "2",
         )  # fmt: skip
     finally:

@@ -135,6 +135,7 @@ def test_reduced_c64k_hosts_run(lab_env: dict[str, str], tmp_path: Path) -> None
     rows = tables_with_rows(folder)
     assert rows.get("monitor_host", 0) > 0, rows
     # nothing is left: teardown found nothing alive, and no process of the run exists anywhere
+    # (no strays either: hosts sharing a kernel must not sweep each other's roles)
     for host in record["hosts"]:
-        assert host["teardown"]["left"] == [], host
+        assert host["teardown"]["left"] == [] and host["teardown"]["strays"] == [], host
     assert run_processes(record["run_id"]) == {}

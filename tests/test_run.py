@@ -106,6 +106,7 @@ def test_role_command_runs_in_its_own_group_with_stderr_to_a_file() -> None:
     launch = RoleLaunch("h", Role.AGENT, "agent-0", ("--url", "ws://x/ws?a=b c"), None, "a.jsonl")
     cmd = role_command(launch, "/w/venv/bin/python", "/w/runs/r1", "r1", ["--start-at", "5"])
     assert cmd.startswith("cd /w/runs/r1 && COMET_LAB_RUN_ID=r1 ")
+    assert "COMET_LAB_HOST=h " in cmd  # the sweep at teardown matches run and host
     assert "exec setsid -w sh -c" in cmd and "agent-0.pgid" in cmd and "@pgid" in cmd
     assert "-m lab.agent" in cmd and "agent-0.stderr.log" in cmd and "--start-at 5" in cmd
     external = RoleLaunch("h", Role.SERVER, "server", (), "nginx -g 'daemon off;'")

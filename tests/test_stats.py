@@ -119,6 +119,20 @@ def test_errors_exclude_not_started() -> None:
     assert s["errors_by_reason"] == {"timeout": 1}
 
 
+def test_pending_after_an_interrupt_is_counted_apart_not_as_errors() -> None:
+    frame = conns(
+        [0, 0.1, 0.2, 0.3, 0.4],
+        [0.01, math.nan, math.nan, math.nan, math.nan],
+        outcome=["ok", "pending", "pending", "not_started", "reset"],
+    )
+    s = stats.summarize(make_tables(connections=frame), {})
+    assert s["connect_errors"] == 1
+    assert s["errors_by_reason"] == {"reset": 1}
+    assert s["connections_pending"] == 2
+    clean = stats.summarize(make_tables(connections=conns([0], [0.01], outcome=["ok"])), {})
+    assert clean["connections_pending"] == 0
+
+
 def test_memory_fit_uses_samples_until_the_first_close() -> None:
     sched = [i / 100 for i in range(100)]
     connected = [x + 0.001 for x in sched]
