@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -265,21 +266,18 @@ def run_agent(
     for line in p.stdout:
         d = json.loads(line)
         lines.append(d)
-        if (
-            sample_at_hold
-            and not hold_sample
-            and d["kind"] == "agent"
-            and d["elapsed_s"] >= ramp_s
-            and d["open"] >= conns * 0.99
-        ):
-            with contextlib.suppress(psutil.Error):
-                hold_sample = {
-                    "open": d["open"],
-                    "proc_uss": uss_of([k.pid for k in kids]),
-                    "total_uss": uss_of([k.pid for k in kids] + [p.pid]),
-                    "cpu": sum(sum(k.cpu_times()[:2]) for k in kids),
-                    "sys": sum(k.cpu_times().system for k in kids),
-                }
+        if not sample_at_hold or d["kind"] != "agent" or d["elapsed_s"] < ramp_s:
+            continue
+        # CPU: at the end of the ramp; memory: once every connection is held (or nearly)
+        with contextlib.suppress(psutil.Error):
+            if "cpu" not in hold_sample:
+                hold_sample["cpu"] = sum(sum(k.cpu_times()[:2]) for k in kids)
+                hold_sample["sys"] = sum(k.cpu_times().system for k in kids)
+            if "open" not in hold_sample and d["open"] >= conns * 0.99:
+                hold_sample["open"] = d["open"]
+                hold_sample["proc_uss"] = uss_of([k.pid for k in kids])
+                hold_sample["total_uss"] = uss_of([k.pid for k in kids] + [p.pid])
+        hold_sample["max_open"] = max(hold_sample.get("max_open", 0), d["open"])
     rc = p.wait()
     from lab.agent.records import read_records
 
@@ -337,14 +335,14 @@ def bench(quick: bool) -> int:
         ramp_cpu_us = (
             (hs.get("cpu", res["base_cpu"]) - res["base_cpu"]) / conns * 1e6 if hs else float("nan")
         )
-        per_conn_uss = (hs["proc_uss"] - res["base_uss"]) / hs["open"] if hs else float("nan")
-        total_uss = hs["total_uss"] / hs["open"] if hs else float("nan")
+        per_conn_uss = (hs["proc_uss"] - res["base_uss"]) / hs["open"] if "open" in hs else math.nan
+        total_uss = hs["total_uss"] / hs["open"] if "open" in hs else math.nan
         print(f"Must show ({conns} connections at {rate}/s against an independent minimal server):")
         results.append(
             check(
                 "all held",
-                held == conns and (hs.get("open") == conns),
-                f"{held}/{conns} ok, {hs.get('open')} open in the hold",
+                held == conns and hs.get("max_open") == conns,
+                f"{held}/{conns} ok, {hs.get('max_open')} open at once in the hold",
             )
         )
         results.append(

@@ -11,9 +11,8 @@ from lab.agent.capacity import (
     check_capacity,
     check_source_ips,
     parse_source_ips,
-    sources_needed,
 )
-from lab.limits import HostLimits
+from lab.limits import HostLimits, source_addresses_for
 
 HOST = HostLimits(
     nofile_soft=1024,
@@ -31,9 +30,9 @@ def test_a_plan_that_fits_passes() -> None:
 def test_past_half_the_port_range_warns_that_connects_slow_down() -> None:
     (w,) = check_capacity(Demand(15_000, 2500, 1, 1, 1), HOST)
     assert "12704 that connect() serves fast" in w and "127.0.0.2-127.0.0.3" in w
-    assert sources_needed(15_000, HOST) == 2
-    assert sources_needed(64_000, HOST) == 6
-    assert sources_needed(1, HOST) == 1
+    assert source_addresses_for(15_000, HOST) == 2
+    assert source_addresses_for(64_000, HOST) == 6
+    assert source_addresses_for(1, HOST) == 1
 
 
 def test_files_message_names_the_limit_and_the_process_count() -> None:

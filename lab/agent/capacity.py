@@ -20,7 +20,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from lab.limits import HostLimits, processes_for
+from lab.limits import HostLimits, fast_ports_per_pair, processes_for
 
 # Agent user-space bytes per held connection (measured ~1.5-2.5 KiB; keep headroom).
 AGENT_BYTES_PER_CONN = 3 * 1024
@@ -32,10 +32,6 @@ PROCESS_BYTES = 48 * 1024 * 1024
 RATE_PER_PROCESS = 6000.0
 # Share of a (source, destination) pair's ephemeral ports a plan may use.
 PORT_HEADROOM = 0.95
-# Share of a pair's ports below which connect() stays fast. Linux picks even ports first for
-# connect(); once they are taken every connect() scans them all (__inet_hash_connect), and
-# one process drops from ~8,000 to a few hundred connects/s (measured here at ~14,000 held).
-FAST_PORT_SHARE = 0.45
 # Share of the available memory a plan may use.
 MEM_HEADROOM = 0.8
 # IP_BIND_ADDRESS_NO_PORT (linux/in.h): bind the address now, pick the port at connect().
@@ -115,12 +111,6 @@ def parse_source_ips(spec: str | None, *, needed: int, loopback: bool) -> list[s
     return out
 
 
-def sources_needed(connections_per_destination: int, limits: HostLimits) -> int:
-    """Source addresses that keep every (source, destination) pair in its fast port range."""
-    fast = max(1, int(limits.ephemeral_ports * FAST_PORT_SHARE))
-    return max(1, math.ceil(connections_per_destination / fast))
-
-
 def check_source_ips(ips: list[str | None]) -> None:
     """Bind each source address once (no connection): raises CapacityError naming the address
     and the fix when one is not assigned to this host."""
@@ -183,7 +173,10 @@ def check_capacity(
         )
     if problems:
         raise CapacityError("the plan does not fit this host:\n  " + "\n  ".join(problems))
-    fast = int(limits.ephemeral_ports * FAST_PORT_SHARE)
+    # Linux picks even ports first for connect(); once they are taken every connect() scans
+    # them all (__inet_hash_connect): one process drops from ~8,000 to a few hundred
+    # connects/s (measured here at ~14,000 connections on one pair)
+    fast = fast_ports_per_pair(limits)
     if per_pair > fast:
         need = math.ceil(demand.peak_open / (fast * max(1, demand.destinations)))
         first = source_hint or "127.0.0.2"

@@ -7,6 +7,13 @@ time, runs the optional publisher, and merges their per-second lines into ONE
 ``{"kind": "agent", ...}`` line a second on stdout (and ``--out``); the last line is
 ``{"kind": "agent_end", ...}``. At the end it joins the processes' record blocks into
 ``--records``.
+
+Fields beyond results/README.md: ``dropped`` (connections the server closed before their
+planned close; their record outcome is ``reset`` with a ``connected`` time), and when
+publishing ``publish_errors`` and ``publish_lag_ms``; ``agent_end`` adds ``saturated_any``,
+``outcome`` (completed | interrupted | failed) and ``reason`` (signal, max_duration, ...).
+``procs`` lists the load processes and the coordinator itself; ``msgs_in`` counts delivered
+envelopes (websocket: not command replies); ``closed`` counts a planned close when it starts.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ from lab.agent.capacity import (
     check_source_ips,
     is_loopback_host,
     parse_source_ips,
-    sources_needed,
 )
 from lab.agent.proc import ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
@@ -39,7 +45,7 @@ from lab.agent.records import FAILURES, append_file
 from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
 from lab.agent.target import SessionKind, make_target
 from lab.histogram import Histogram
-from lab.limits import read_host_limits
+from lab.limits import read_host_limits, source_addresses_for
 
 EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lines
 READY_TIMEOUT_S = 60.0
@@ -476,7 +482,7 @@ def prepare(
             raise UsageError(f"--procs {args.procs!r}: give a number >= 1 or auto") from exc
     destinations = len({t.addr for t in targets})
     loopback = all(is_loopback_host(t.host) for t in targets)
-    needed = sources_needed(-(-peak // max(1, destinations)), limits)
+    needed = source_addresses_for(-(-peak // max(1, destinations)), limits)
     try:
         sources = parse_source_ips(args.source_ips, needed=needed, loopback=loopback)
     except ValueError as exc:

@@ -6,6 +6,9 @@ What it is for: the coordinator (``lab.agent.coordinator``) starts ``--procs`` o
 - stdin, line 1: the ``ProcConfig`` (``ProcConfigJSON``); the process builds its schedule
   shard, preallocates its records and answers ``{"ready": pid}`` on stdout;
 - stdin, line 2: ``{"start_at": unix_s}``, the common start (may be in the future);
+- stdin, later lines: ``{"expected": {channel: last_id}}`` once the publisher is done (a
+  connection closing before it saw that id counts the missing ones as lost); EOF means the
+  coordinator is gone: stop cleanly;
 - stdout: ``{"tick": k, ...}`` once a second at ``start_at + k`` with the cumulative counters,
   the histograms of the interval, lag, CPU and USS; the last one has ``"final": true`` and
   ``"reason"``. Then the process writes its records to ``records_path`` and exits 0.
@@ -37,8 +40,9 @@ from lab.agent.session import CLIENTS, SessionKind, Shared, State, Target, class
 from lab.limits import raise_nofile_soft_limit
 
 BATCH = 256  # opens/closes per scheduler turn before yielding to I/O
-CLOSE_GRACE_S = 3.0
-TIMER_SLACK_S = 0.001  # how long a clean close may take at the end before aborting
+CLOSE_GRACE_S = 3.0  # how long a clean close may take at the end before aborting
+TIMER_SLACK_S = 0.001  # timers fire up to 1 ms early: arm them this late
+SOCK_STREAM_NONBLOCK = _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK
 
 
 class ProcConfigJSON(TypedDict, total=False):
@@ -192,12 +196,12 @@ class LoadProcess:
         rec.outcome[i] = Outcome.PENDING
         sh.counters.started += 1
         try:
-            sock = _socket.socket(tgt.family, _socket.SOCK_STREAM)
+            # non-blocking from the start: one syscall, not three
+            sock = _socket.socket(tgt.family, SOCK_STREAM_NONBLOCK)
         except OSError as exc:
             sh.fail(i, classify(exc))
             return
         try:
-            sock.setblocking(False)
             if src is not None:
                 sock.setsockopt(_socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((src, 0))
