@@ -291,6 +291,10 @@ class Engine:
 
     async def _start(self, launch: RoleLaunch, extra: Sequence[str] = ()) -> RoleProcess:
         conn = self.conns[launch.host]
+        for relpath, text in launch.files:  # e.g. the agent's --plan file, written before start
+            sftp = await conn.sftp()
+            async with sftp.open(f"{self.rundirs[launch.host]}/{relpath}", "w") as fh:
+                await fh.write(text)
         command = role_command(
             launch,
             self.deployments[launch.host].python,

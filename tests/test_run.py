@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -170,6 +171,22 @@ def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     # a folder that holds a run is loaded, not run again
     assert run_or_load(TINY, results_dir=given) == given
     assert json.loads((given / "run.json").read_text())["run_id"] == record["run_id"]
+
+
+def test_several_phases_go_to_the_agent_as_a_plan_file(tmp_path: Path) -> None:
+    # two ramps with holds between them do not fit the agent's flags: the plan writes a --plan
+    # file, the engine puts it into the host's run dir before the agent starts
+    folder = run_or_load(ROOT / "tests" / "data" / "phases.yaml", results_dir=tmp_path / "run")
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "completed", record["reason"]
+    agent = next(x for x in record["plan"] if x["role"] == "agent")
+    assert "--plan" in agent["argv"]
+    conns = pd.read_parquet(folder / "connections.parquet")
+    assert (conns["outcome"] == "ok").sum() == 300
+    # the second ramp starts only after the first ramp (0.5 s) and the hold (1 s)
+    started = conns["scheduled"].sort_values().to_numpy()
+    assert started[100] - started[99] >= 1.0
+    assert run_processes(record["run_id"]) == {}
 
 
 def test_interrupt_stops_everything(tmp_path: Path) -> None:
