@@ -442,7 +442,7 @@ def _agent_launch(exp: Experiment, share: AgentShare, index: int, hosts: int) ->
         tuple(argv),
         None,
         f"{share.name}.jsonl",
-        (f"{share.name}*.rec",),
+        (f"{share.name}.rec*",),  # the joined file, or its parts
         None,
         files,
     )

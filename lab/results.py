@@ -328,7 +328,7 @@ def _connection_rows(host: str, path: Path, offset: float) -> dict[str, list[Any
 
     cols = read_records(path)
     n = len(cols["conn"])
-    stem = path.name[: -len(".rec")]
+    stem = path.name.split(".rec")[0]
     m = _REC_AGENT.match(stem)
     agent = m.group("agent") if m else stem
     out: dict[str, list[Any]] = {"host": [host] * n, "agent": [agent] * n}
@@ -366,7 +366,15 @@ def read_raw(
                     rows["server"].extend(_server_rows(host, t, line))
                 elif kind == "monitor":
                     _monitor_rows(host, t, line, rows)
-        for path in sorted(host_dir.glob("*.rec")):
+        # the coordinator joins its processes' <name>.rec.pN parts into <name>.rec; when it was
+        # killed before joining, the parts are all there is
+        recs = sorted(host_dir.glob("*.rec"))
+        recs += sorted(
+            p
+            for p in host_dir.glob("*.rec.p*")
+            if not p.with_name(p.name.split(".rec.")[0] + ".rec").exists()
+        )
+        for path in recs:
             try:
                 conn_blocks.append(_connection_rows(host, path, offset))
             except Exception as exc:  # a damaged file must not cost the other tables

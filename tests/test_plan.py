@@ -45,7 +45,7 @@ def test_c64k_shards_under_this_machines_limits() -> None:
     assert procs == 4 and len(ips) == 6 and ips[0] == "127.0.0.2"
     assert 64000 / procs <= MACHINE.conns_per_process
     assert 64000 / len(ips) <= fast_ports_per_pair(MACHINE)
-    assert agent.stream_file == "agent-0.jsonl" and agent.fetch_globs == ("agent-0*.rec",)
+    assert agent.stream_file == "agent-0.jsonl" and agent.fetch_globs == ("agent-0.rec*",)
     assert argv_value(agent.argv, "--url") == "ws://127.0.0.1:18080/ws?channel=idle"
     assert plan.max_duration_s == e.max_duration_s
 
