@@ -45,6 +45,28 @@ TIMER_SLACK_S = 0.001  # timers fire up to 1 ms early: arm them this late
 SOCK_STREAM_NONBLOCK = _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK
 
 
+class NonBlockingSocket(_socket.socket):
+    """A socket made non-blocking at creation (``SOCK_NONBLOCK``): ``create_connection(sock=)``
+    calls ``setblocking(False)`` on it, which would cost one more syscall per connection."""
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        if flag:
+            super().setblocking(flag)
+
+    def close(self) -> None:
+        """Called by uvloop once libuv has closed the fd (the transport owns it): only forget
+        the fd, rather than a second close(2) failing with EBADF. The agent's own closes of a
+        socket that no transport took use ``close_socket``."""
+        self.detach()
+
+
+def close_socket(sock: Any) -> None:
+    """Really close ``sock`` (a no-op once a transport detached it)."""
+    _socket.socket.close(sock)
+
+
 class ProcConfigJSON(TypedDict, total=False):
     """What the coordinator sends a load process (first stdin line)."""
 
@@ -197,7 +219,7 @@ class LoadProcess:
         sh.counters.started += 1
         try:
             # non-blocking from the start: one syscall, not three
-            sock = _socket.socket(tgt.family, SOCK_STREAM_NONBLOCK)
+            sock = NonBlockingSocket(tgt.family, SOCK_STREAM_NONBLOCK)
         except OSError as exc:
             sh.fail(i, classify(exc))
             return
@@ -210,7 +232,7 @@ class LoadProcess:
                 if rc and rc != errno.EINPROGRESS:
                     raise OSError(rc, os.strerror(rc))
         except OSError as exc:
-            sock.close()
+            close_socket(sock)
             sh.fail(i, classify(exc))
             return
         client = self.client_cls(sh, i, tgt)
@@ -223,14 +245,14 @@ class LoadProcess:
         try:
             if self.slow_connect:  # long-poll: "connected" means the TCP handshake is done
                 await loop.sock_connect(sock, tgt.addr)
-            await loop.create_connection(lambda: client, sock=sock)
+            await loop.create_connection(client, sock=sock)  # the client is its own factory
         except asyncio.CancelledError:
-            sock.close()
+            close_socket(sock)
             if client.st < State.CLOSING:
                 client.st = State.DONE
                 self.sh.fail(i, Outcome.TIMEOUT if not self.stopping else Outcome.PENDING)
         except OSError as exc:
-            sock.close()
+            close_socket(sock)
             if client.st < State.CLOSING:
                 client.st = State.DONE
                 self.sh.fail(i, classify(exc))

@@ -7,8 +7,9 @@ live only while needed (the HTTP parser until the upgrade; the frame reader whil
 incomplete), so an idle held WebSocket costs a protocol, a transport and a socket.
 
 Kinds (``SessionKind``):
-- ``websocket``: HTTP upgrade (a request built once per destination; the 101 response parsed
-  with ``httptools``; ``Sec-WebSocket-Accept`` checked), optional subscribe frames, then idle
+- ``websocket``: HTTP upgrade (a request built once per destination; a whole 101 response
+  with the right ``Sec-WebSocket-Accept`` in one read is checked with a few byte searches, any
+  other response is parsed with ``httptools``), optional subscribe frames, then idle
   or receive; messages are comet envelopes ``{"channel", "id", "data"}``: per-channel ids give
   lost / duplicated / reordered counts, ``data`` = ``{"ts": unix_s, "seq": n}`` gives the
   delivery latency. Frames are parsed with ``websockets.frames.Frame.parse``.
@@ -203,6 +204,10 @@ class Client(asyncio.Protocol):
         self.aux: Any = None
         self.chs: dict[str, list[int]] | None = None
 
+    def __call__(self) -> Client:
+        """The protocol factory of ``create_connection`` is the protocol itself (no lambda)."""
+        return self
+
     def fail(self, outcome: Outcome) -> None:
         if self.st >= State.CLOSING:
             return
@@ -254,6 +259,24 @@ class Client(asyncio.Protocol):
             self.chs = {}  # marks a correct accept key until the upgrade completes
 
 
+def _upgrade_end(data: bytes, accept: bytes) -> int:
+    """Where the frames start if ``data`` holds a whole ``101`` response carrying the expected
+    ``Sec-WebSocket-Accept``; else 0 (then httptools parses the response: any other status, a
+    response split over reads, a wrong key). The common case costs no parser and no callbacks."""
+    if data[:13] != b"HTTP/1.1 101 ":
+        return 0
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return 0
+    pos = data.find(accept, 0, end)
+    if pos < 0 or data[pos + len(accept) : pos + len(accept) + 2] != b"\r\n":
+        return 0
+    line = data.rfind(b"\r\n", 0, pos)
+    if line < 0 or data[line + 2 : pos].rstrip().lower() != b"sec-websocket-accept:":
+        return 0
+    return end + 4
+
+
 class WebSocketClient(Client):
     """``websocket`` (envelopes tracked) and ``generic`` (frames only) sessions."""
 
@@ -262,7 +285,6 @@ class WebSocketClient(Client):
     def connection_made(self, transport: Any) -> None:
         self.tr = transport
         self.st = State.HANDSHAKE
-        self.aux = httptools.HttpResponseParser(self)
         self.sh.pending[self.i] = self
         transport.write(self.tgt.request)
         self.sh.counters.bytes_out += len(self.tgt.request)
@@ -270,6 +292,13 @@ class WebSocketClient(Client):
     def data_received(self, data: bytes) -> None:
         self.sh.counters.bytes_in += len(data)
         if self.st == State.HANDSHAKE:
+            if self.aux is None:  # the first bytes of the response
+                end = _upgrade_end(data, self.tgt.accept)
+                if end:
+                    self.chs = {}  # the accept key matched
+                    self._upgraded(data[end:])
+                    return
+                self.aux = httptools.HttpResponseParser(self)
             try:
                 self.aux.feed_data(data)
             except httptools.HttpParserUpgrade as up:
@@ -287,7 +316,7 @@ class WebSocketClient(Client):
             raise ValueError("not an upgrade")  # surfaces as HttpParserError: an HTTP failure
 
     def _upgraded(self, rest: bytes) -> None:
-        if self.aux.get_status_code() != 101 or self.chs is None:
+        if self.chs is None or (self.aux is not None and self.aux.get_status_code() != 101):
             self.fail(Outcome.HTTP)
             return
         self.aux = None
