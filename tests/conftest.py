@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -49,3 +50,12 @@ def require_root(why: str = "") -> None:
         if REQUIRE_ALL:
             pytest.fail(msg + " — COMET_LAB_REQUIRE_ALL=1 forbids skipping")
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def comet() -> Iterator[int]:
+    """A real ``python -m lab.comet`` (one worker) on a free loopback port: yields the port."""
+    from lab.comet.launch import ServerProcess
+
+    with ServerProcess(workers=1, extra=["--quiet"]) as server:
+        yield server.port

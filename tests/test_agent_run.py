@@ -8,10 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,29 +23,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def comet() -> Iterator[int]:
-    port = free_port()
-    p = subprocess.Popen(
-        [PY, "-m", "lab.comet", "--port", str(port), "--workers", "1", "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline or p.poll() is not None:
-                p.kill()
-                pytest.fail("lab.comet did not become healthy")
-            time.sleep(0.1)
-    yield port
-    p.terminate()
-    p.wait(15)
 
 
 def test_sigterm_mid_ramp_flushes_lines_and_records(comet: int, tmp_path: Path) -> None:

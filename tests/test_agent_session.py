@@ -11,9 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +40,6 @@ def run_agent(*args: str, timeout: float = 60) -> tuple[int, list[dict[str, Any]
     )
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
     return p.returncode, lines, p.stderr
-
-
-@pytest.fixture(scope="module")
-def comet() -> Iterator[int]:
-    """A real lab.comet server on a free loopback port (one worker)."""
-    port = free_port()
-    p = subprocess.Popen(
-        [PY, "-m", "lab.comet", "--port", str(port), "--workers", "1", "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline or p.poll() is not None:
-                p.kill()
-                pytest.fail("lab.comet did not become healthy")
-            time.sleep(0.1)
-    yield port
-    p.terminate()
-    p.wait(15)
 
 
 @pytest.mark.parametrize(

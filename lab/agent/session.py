@@ -409,7 +409,22 @@ class WebSocketClient(Client):
             self.sh.track(self.chs, str(env["channel"]), mid, env.get("data"))
 
 
-class LongPollClient(Client):
+class _HttpClient(Client):
+    """A client whose every byte goes through an httptools parser kept in ``aux[0]``."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.sh.counters.bytes_in += len(data)
+        if self.aux is None:
+            return
+        try:
+            self.aux[0].feed_data(data)
+        except httptools.HttpParserError:
+            self.fail(Outcome.HTTP)
+
+
+class LongPollClient(_HttpClient):
     """``longpoll``: a keep-alive loop of GET /lp?channel=&since=&timeout= on one connection.
     ``aux`` is ``[parser, body, since]`` while the connection lives."""
 
@@ -429,15 +444,6 @@ class LongPollClient(Client):
             req = req.replace(b"&timeout=", b"&since=%d&timeout=" % since, 1)
         self.tr.write(req)
         self.sh.counters.bytes_out += len(req)
-
-    def data_received(self, data: bytes) -> None:
-        self.sh.counters.bytes_in += len(data)
-        if self.aux is None:
-            return
-        try:
-            self.aux[0].feed_data(data)
-        except httptools.HttpParserError:
-            self.fail(Outcome.HTTP)
 
     def on_body(self, body: bytes) -> None:
         self.aux[1] += body
@@ -467,7 +473,7 @@ class LongPollClient(Client):
             self._poll()
 
 
-class SSEClient(Client):
+class SSEClient(_HttpClient):
     """``sse``: GET /sse, then text/event-stream events. ``aux`` is
     ``[parser, line buffer, event id, data lines]`` while the connection lives."""
 
@@ -480,15 +486,6 @@ class SSEClient(Client):
         self.aux = [httptools.HttpResponseParser(self), b"", None, []]
         transport.write(self.tgt.request)
         self.sh.counters.bytes_out += len(self.tgt.request)
-
-    def data_received(self, data: bytes) -> None:
-        self.sh.counters.bytes_in += len(data)
-        if self.aux is None:
-            return
-        try:
-            self.aux[0].feed_data(data)
-        except httptools.HttpParserError:
-            self.fail(Outcome.HTTP)
 
     def on_headers_complete(self) -> None:
         if self.aux[0].get_status_code() != 200:
