@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import subprocess
@@ -279,3 +280,43 @@ def test_track_window_counts_without_a_server() -> None:
     assert c.dup == 1
     assert c.lost == (1 - 1) + (5 - 1) + 179
     assert sh.records.outcome[0] == Outcome.NOT_STARTED
+
+
+def test_frame_reading_fast_path_and_parser_agree_on_any_split() -> None:
+    """Server frames arriving whole, several per read, split anywhere, 7- and 16-bit
+    lengths, a ping among them: every envelope counted once, in order, with its latency."""
+    from websockets.frames import Frame, Opcode
+
+    from lab.agent.publisher import message_body
+    from lab.agent.session import State, WebSocketClient
+    from lab.agent.target import SessionKind, make_target
+
+    class Transport:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    def envelope(mid: int, pad: int) -> bytes:
+        data = message_body(mid, pad, time.time()).decode()
+        payload = json.dumps({"channel": "x", "id": mid, "data": data}).encode()
+        return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+    frames = [envelope(mid, 30 if mid % 2 else 400) for mid in range(1, 9)]  # 7/16-bit lengths
+    frames.insert(4, Frame(Opcode.PING, b"hi").serialize(mask=False))
+    stream = b"".join(frames)
+    tgt = make_target("ws://127.0.0.1:1/ws?channel=x", SessionKind.WEBSOCKET)
+    for cuts in ([], [len(frames[0]) + 3], [1, 2, 150, 151, 700], list(range(1, len(stream)))):
+        sh = Shared(Records(1))
+        client = WebSocketClient(sh, 0, tgt)
+        client.st = State.OPEN
+        tr = client.tr = Transport()
+        bounds = [0, *cuts, len(stream)]
+        for a, b in itertools.pairwise(bounds):
+            client.data_received(stream[a:b])
+        c = sh.counters
+        assert (c.msgs_in, c.lost, c.dup, c.reordered) == (8, 0, 0, 0), cuts
+        assert sh.delivery_hist.total == 8
+        assert client.chs == {"x": [8, 0xFF]}
+        assert len(tr.sent) == 1 and tr.sent[0][0] == 0x8A  # the pong
