@@ -65,7 +65,7 @@ def test_core_dependencies_are_only_what_roles_need() -> None:
         _norm(r)[0]
         for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     }
-    assert core <= {"uvloop", "httptools", "websockets", "psutil"}, core
+    assert core <= {"uvloop", "httptools", "websockets", "psutil", "orjson"}, core
     assert not core & {"pandas", "plotly", "asyncssh", "jupyterlab", "pyarrow"}
 
 

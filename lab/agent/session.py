@@ -442,7 +442,7 @@ class WebSocketClient(Client):
             self.tr.write(self.sh.close_frame)
             self.fail(Outcome.RESET)
 
-    def _message(self, data: bytes) -> None:
+    def _message(self, data: bytes | bytearray | memoryview) -> None:
         """One envelope: counted, its id checked against the channel's last, its delivery
         latency recorded. The next id in order (the common case) is handled inline; anything
         else goes through ``Shared.track``."""
