@@ -1,5 +1,6 @@
 """The server's once-a-second figures, as the field report's console showed them: connections
-online, uptime, and per worker the events handled so far and in the last second (PcS).
+online, uptime, and per worker the events handled so far and in the last second (PcS), and
+how long its latest fan-out took (one message written to all its subscribers).
 
 Pure functions: ``server_line`` builds the ``{"kind": "server", ...}`` JSON line of
 results/README.md (also the ``/stats`` body), ``console_text`` the human line for stderr.
@@ -23,6 +24,8 @@ class WorkerFigures(TypedDict):
     closes: int
     pcs: int
     restarts: int
+    fanout_ms: float
+    fanout_subscribers: int
 
 
 class ServerLine(TypedDict):
@@ -50,6 +53,8 @@ def worker_figures(
         "closes": int(r.get("closes", 0)),
         "pcs": int(r.get("pcs", 0)),
         "restarts": restarts,
+        "fanout_ms": float(r.get("fanout_ms", 0.0)),
+        "fanout_subscribers": int(r.get("fanout_subscribers", 0)),
     }
 
 
@@ -74,8 +79,10 @@ def console_text(line: ServerLine) -> str:
     ]
     for w in line["workers"]:
         restarted = f" restarts {w['restarts']}" if w["restarts"] else ""
+        fanout = w.get("fanout_subscribers", 0)
+        fanned = f" fan-out {w['fanout_ms']:.1f} ms/{fanout}" if fanout else ""
         parts.append(
             f"w{w['worker']} pid {w['pid']} online {w['online']} events {w['events']} "
-            f"PcS {w['pcs']}{restarted}"
+            f"PcS {w['pcs']}{fanned}{restarted}"
         )
     return "  | ".join(parts)

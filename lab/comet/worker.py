@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection
 from typing import Any, cast
 
 from lab.comet.config import WorkerConfig
@@ -100,6 +101,8 @@ class Worker:
         self.closes = 0
         self.errors = 0
         self._events_last = 0
+        self.fanout_ms = 0.0  # the latest fan-out: writing one message to all subscribers here
+        self.fanout_subscribers = 0
         self.pending: dict[int, HttpConn] = {}
         self._next_req = 0
         self._channel_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -148,15 +151,10 @@ class Worker:
             msg = Message(message["ch"], message["id"], message["data"])
             subscribers = self.hub.record(msg)
             if subscribers:
-                out = Outgoing(msg)
-                frame = out.ws_frame  # serialized once, the same bytes to every WebSocket
-                for sub in subscribers:
-                    if type(sub) is WsConn:
-                        transport = sub.transport
-                        if transport is not None:
-                            transport.write(frame)
-                    else:
-                        sub.deliver(out)
+                t0 = time.perf_counter()
+                self.fan_out(Outgoing(msg), subscribers)
+                self.fanout_ms = (time.perf_counter() - t0) * 1e3
+                self.fanout_subscribers = len(subscribers)
             if message.get("w") == self.pid:
                 conn = self.pending.pop(message["req"], None)
                 if conn is not None:
@@ -166,6 +164,19 @@ class Worker:
             self._healthy = bool(message.get("healthy"))
         elif op == "stop":
             self.begin_stop()
+
+    def fan_out(self, out: Outgoing, subscribers: Collection[Any]) -> None:
+        """Write one message to every subscriber of this worker: the hot loop of a broadcast.
+        A WebSocket gets the same frame bytes (serialized once); long-polls and SSE streams
+        format their own answer."""
+        frame = out.ws_frame
+        for sub in subscribers:
+            if type(sub) is WsConn:
+                transport = sub.transport
+                if transport is not None:
+                    transport.write(frame)
+            else:
+                sub.deliver(out)
 
     # ------------------------------------------------------------------ figures
 
@@ -183,6 +194,8 @@ class Worker:
             "closes": self.closes,
             "errors": self.errors,
             "pcs": pcs if pcs is not None else 0,
+            "fanout_ms": round(self.fanout_ms, 3),
+            "fanout_subscribers": self.fanout_subscribers,
         }
 
     def stats_json(self) -> bytes:
