@@ -145,6 +145,9 @@ class AgentsSpec:
     procs: int | None = None  # per agent host; None = auto
     source_ips: tuple[str, ...] | None = None  # None = auto; applies to every agent host
     source_ips_by_host: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # nice increment of the load processes: agents sharing cores with the server give way to
+    # it, as agents on other hosts would (0 = same priority)
+    nice: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,8 +378,9 @@ def _agents(file: str, raw: Any, host_names: tuple[str, ...]) -> AgentsSpec:
     elif raw_ips not in ("auto", None):
         text = ",".join(map(str, raw_ips)) if isinstance(raw_ips, list) else str(raw_ips)
         source_ips = expand_addresses(text, file, "agents.source_ips")
-    s.done(("hosts", "procs", "source_ips"))
-    return AgentsSpec(hosts, procs, source_ips, tuple(by_host))
+    nice = int(s.num("nice", 0, lo=0, hi=19, integer=True))
+    s.done(("hosts", "procs", "source_ips", "nice"))
+    return AgentsSpec(hosts, procs, source_ips, tuple(by_host), nice)
 
 
 def _session(file: str, raw: Any) -> SessionSpec:

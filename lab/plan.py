@@ -399,6 +399,8 @@ def _agent_launch(exp: Experiment, share: AgentShare, index: int, hosts: int) ->
         for channel in exp.session.channels:
             argv += ["--subscribe", channel]
     argv += ["--procs", str(share.procs)]
+    if exp.agents.nice:
+        argv += ["--nice", str(exp.agents.nice)]
     if share.source_ips:
         argv += ["--source-ips", ",".join(share.source_ips)]
     argv += [

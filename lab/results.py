@@ -75,6 +75,8 @@ TABLES: dict[str, dict[str, str]] = {
         "closes": _I,
         "pcs": _I,
         "restarts": _I,
+        "fanout_ms": _F,
+        "fanout_subscribers": _I,
     },
     "monitor_host": {
         "t": _F,
@@ -284,7 +286,10 @@ def _server_rows(host: str, t: float, line: Mapping[str, Any]) -> list[dict[str,
             continue
         row: dict[str, Any] = {"t": t, "host": host, "worker": w.get("worker", i)}
         row["uptime_s"] = _num(line, "uptime_s")
-        for k in ("pid", "online", "events", "connects", "messages", "closes", "pcs", "restarts"):
+        for k in (
+            "pid", "online", "events", "connects", "messages", "closes", "pcs", "restarts",
+            "fanout_ms", "fanout_subscribers",
+        ):  # fmt: skip
             row[k] = _num(w, k)
         rows.append(row)
     return rows

@@ -25,7 +25,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "server": (
         "t", "host", "worker", "pid", "uptime_s", "online", "events", "connects", "messages",
-        "closes", "pcs", "restarts",
+        "closes", "pcs", "restarts", "fanout_ms", "fanout_subscribers",
     ),
     "monitor_host": (
         "t", "host", "mem_total", "mem_used", "mem_available", "tcp_inuse", "tcp_orphan",

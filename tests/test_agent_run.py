@@ -213,3 +213,27 @@ def test_help_needs_only_core_dependencies() -> None:
         [PY, "-m", "lab", "agent", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert p.returncode == 0 and "usage: lab agent" in p.stdout
+
+
+def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
+    """--nice 7: every load process runs at nice 7; the coordinator (and its publisher) not."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{comet}/ws",
+         "--rate", "100", "--connections", "20", "--hold", "2", "--procs", "2", "--nice", "7"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # a load process's line: they are running
+        assert first["kind"] == "agent"
+        me = psutil.Process(proc.pid)
+        loads = [c for c in me.children() if "lab.agent.proc" in " ".join(c.cmdline())]
+        assert len(loads) == 2
+        assert [c.nice() for c in loads] == [7, 7]
+        assert me.nice() == psutil.Process().nice()
+        proc.stdout.read()
+    finally:
+        proc.wait(30)
+    assert proc.returncode == 0

@@ -90,6 +90,25 @@ def assert_still_serving(server: ServerProcess) -> None:
     assert get(server, "/healthz")[0] == 200
 
 
+async def test_stats_show_each_workers_latest_fan_out(server: ServerProcess) -> None:
+    clients = [await connect(f"{server.ws_url}/ws?channel=fan") for _ in range(6)]
+    try:
+        publish(server, "fan", "x")
+        for ws in clients:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["channel"] == "fan"
+        deadline = time.monotonic() + 5
+        while True:  # the snapshot is at most a second old
+            workers = json.loads(get(server, "/stats")[1])["workers"]
+            if sum(w["fanout_subscribers"] for w in workers) == 6 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(w["fanout_subscribers"] for w in workers) == 6
+        assert all(w["fanout_ms"] > 0 for w in workers if w["fanout_subscribers"])
+    finally:
+        for ws in clients:
+            await ws.close()
+
+
 async def test_websocket_receives_publishes_on_its_channels(server: ServerProcess) -> None:
     async with connect(f"{server.ws_url}/ws?channel=w1&channel=w2") as ws:
         id1 = await asyncio.to_thread(publish, server, "w1", "hello")
@@ -366,6 +385,8 @@ def test_console_line_json_lines_and_out_file(tmp_path: Path) -> None:
         "closes",
         "pcs",
         "restarts",
+        "fanout_ms",
+        "fanout_subscribers",
     }
     console = next(x for x in s.stderr_lines if x.startswith("online"))
     assert "uptime" in console and "w1 pid" in console and "PcS" in console

@@ -122,6 +122,8 @@ def test_types_and_ranges_are_checked(tmp_path: Path) -> None:
     assert "did you mean 'websocket'" in e.fix
     e = error(tmp_path, MINIMAL, {"phases.0.until_connections": "2.5"})
     assert "whole number" in e.problem
+    e = error(tmp_path, MINIMAL, {"agents.nice": "25"})
+    assert e.key == "agents.nice" and "<= 19" in e.fix
 
 
 def test_phase_shapes(tmp_path: Path) -> None:

@@ -186,6 +186,15 @@ def test_publish_delay_and_token() -> None:
         make_plan(open_bind, limits(open_bind))
 
 
+def test_agents_nice_reaches_the_agent_command() -> None:
+    e = exp("smoke")
+    (agent,) = make_plan(e, limits(e)).stage(Role.AGENT)
+    assert "--nice" not in agent.argv
+    e = exp("smoke", **{"agents.nice": "10"})
+    (agent,) = make_plan(e, limits(e)).stage(Role.AGENT)
+    assert argv_value(agent.argv, "--nice") == "10"
+
+
 def test_start_delay_grows_with_agent_processes() -> None:
     small, big = exp("smoke"), exp("c64k")
     assert make_plan(small, limits(small)).start_delay_s == 3.0

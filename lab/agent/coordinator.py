@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -121,6 +123,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="hard bound in seconds from the start: close everything and exit",
+    )
+    a(
+        "--nice",
+        type=int,
+        default=0,
+        choices=range(20),
+        metavar="0..19",
+        help="nice increment of the load processes: on a host shared with the server, let it "
+        "run first, as agents on other hosts would (default 0; the publisher is not niced)",
     )
     a("--seed", type=int, default=0, help="seed of Poisson arrivals")
     a("--arrival", default="uniform", choices=[x.value for x in Arrival])
@@ -334,6 +345,7 @@ class Coordinator:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 24,
+                preexec_fn=functools.partial(os.nice, args.nice) if args.nice else None,
             )
             self.children.append(child)
             assert child.stdin is not None
