@@ -59,6 +59,9 @@ SUMMARY_FIELDS = (
     "delivery_ms_p50",
     "delivery_ms_p99",
     "delivery_ms_max",
+    "read_ms_p50",
+    "read_ms_p99",
+    "read_ms_max",
     "messages_lost",
     "agent_saturated",
 )

@@ -235,21 +235,30 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
     return _layout(fig, "Memory", height=HEIGHT + 60)
 
 
-def latency_figure(connect: pd.DataFrame, delivery: pd.DataFrame) -> go.Figure:
+def latency_figure(
+    connect: pd.DataFrame, delivery: pd.DataFrame, read: pd.DataFrame | None = None
+) -> go.Figure:
     """7. Connect latency percentiles over time; delivery latency when messages were
-    published (``latency_frame``, ``delivery_frame``)."""
+    published: arrival at the agent host's socket (kernel receive time) and, dotted grey,
+    when the agent process read it (``latency_frame``, ``delivery_frame``)."""
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("connect (from the scheduled time)", "delivery")
     )
-    for col, frame in ((1, connect), (2, delivery)):
+    panels: list[tuple[int, str, pd.DataFrame, str | None]] = [
+        (1, "connect", connect, None),
+        (2, "delivery", delivery, None),
+    ]
+    if read is not None and not read.empty:
+        panels.append((2, "read by agent", read, "#999999"))
+    for col, name, frame, color in panels:
         for key, dash in (("p50_ms", "solid"), ("p99_ms", "dash"), ("max_ms", "dot")):
             fig.add_trace(
                 go.Scatter(
                     x=frame["elapsed_s"],
                     y=frame[key],
                     mode="lines+markers",
-                    name=f"{'connect' if col == 1 else 'delivery'} {key[:-3]}",
-                    line={"dash": dash},
+                    name=f"{name} {key[:-3]}",
+                    line={"dash": dash, **({"color": color} if color else {})},
                 ),
                 row=1,
                 col=col,
@@ -297,7 +306,11 @@ def report_figures(tables: Tables) -> list[go.Figure]:
         server_console_figure(stats.server_console_frame(tables)),
         cpu_figure(stats.cpu_core_frame(tables), stats.cpu_role_frame(tables)),
         memory_figure(memory, stats.memory_fits(tables, memory)),
-        latency_figure(stats.latency_frame(tables), stats.delivery_frame(tables)),
+        latency_figure(
+            stats.latency_frame(tables),
+            stats.delivery_frame(tables),
+            stats.delivery_frame(tables, "read"),
+        ),
         errors_figure(stats.errors_frame(tables)),
         environment_figure(summary_table.environment_frame(tables.run)),
     ]

@@ -61,6 +61,9 @@ TABLES: dict[str, dict[str, str]] = {
         "delivery_p50_ms": _F,
         "delivery_p99_ms": _F,
         "delivery_max_ms": _F,
+        "read_p50_ms": _F,
+        "read_p99_ms": _F,
+        "read_max_ms": _F,
     },
     "server": {
         "t": _F,
@@ -273,7 +276,7 @@ def _agent_row(host: str, t: float, line: Mapping[str, Any]) -> dict[str, Any]:
         "uss": sum(_num(p, "uss") or 0 for p in procs) if procs else None,
         "saturated": bool(line.get("saturated", False)),
     }
-    for name in ("connect", "delivery"):
+    for name in ("connect", "delivery", "read"):
         p50, p99, mx = _hist_ms(line.get(f"{name}_hist"))
         row.update({f"{name}_p50_ms": p50, f"{name}_p99_ms": p99, f"{name}_max_ms": mx})
     return row

@@ -412,9 +412,11 @@ def latency_frame(tables: Tables) -> pd.DataFrame:
     return _agent_percentiles(tables, "connect", origin)
 
 
-def delivery_frame(tables: Tables) -> pd.DataFrame:
-    """Delivery latency per second: elapsed_s, p50_ms, p99_ms, max_ms, count (messages)."""
-    return _agent_percentiles(tables, "delivery", run_start(tables))
+def delivery_frame(tables: Tables, metric: str = "delivery") -> pd.DataFrame:
+    """Delivery latency per second: elapsed_s, p50_ms, p99_ms, max_ms, count (messages).
+    ``metric``: ``delivery`` (arrival at the agent host's socket, the kernel's receive time)
+    or ``read`` (when the agent process read it)."""
+    return _agent_percentiles(tables, metric, run_start(tables))
 
 
 def _agent_percentiles(tables: Tables, metric: str, origin: float) -> pd.DataFrame:
@@ -422,7 +424,7 @@ def _agent_percentiles(tables: Tables, metric: str, origin: float) -> pd.DataFra
     cols = ["elapsed_s", "p50_ms", "p99_ms", "max_ms", "count"]
     if agent.empty or agent[f"{metric}_p50_ms"].isna().all():
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
-    counter = "msgs_in" if metric == "delivery" else "connected"
+    counter = "connected" if metric == "connect" else "msgs_in"
     count = agent.groupby("agent")[counter].diff().fillna(agent[counter]).clip(lower=0)
     frame = agent.assign(sec=np.floor(agent["t"] - origin), count=count)
     frame = frame[frame[f"{metric}_p50_ms"].notna()]
@@ -550,6 +552,10 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
     if p50 is None:
         p50, p99, top = _overall_from_seconds(delivery_frame(tables))
     summary.update(delivery_ms_p50=p50, delivery_ms_p99=p99, delivery_ms_max=top)
+    p50, p99, top = histogram_ms(tables, "read")
+    if p50 is None and "read_p50_ms" in tables.agent:
+        p50, p99, top = _overall_from_seconds(delivery_frame(tables, "read"))
+    summary.update(read_ms_p50=p50, read_ms_p99=p99, read_ms_max=top)
     summary["messages_lost"] = int(_last_per_agent(tables.agent, "lost"))
     summary["messages_received"] = int(_last_per_agent(tables.agent, "msgs_in"))
     sat = tables.agent["saturated"]

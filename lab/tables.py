@@ -21,7 +21,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "t", "host", "agent", "elapsed_s", "planned", "started", "connected", "open", "closed",
         "msgs_in", "msgs_out", "bytes_in", "bytes_out", "lost", "dup", "reordered", "lag_ms",
         "cpu_percent", "uss", "saturated", "connect_p50_ms", "connect_p99_ms", "connect_max_ms",
-        "delivery_p50_ms", "delivery_p99_ms", "delivery_max_ms",
+        "delivery_p50_ms", "delivery_p99_ms", "delivery_max_ms", "read_p50_ms", "read_p99_ms",
+        "read_max_ms",
     ),
     "server": (
         "t", "host", "worker", "pid", "uptime_s", "online", "events", "connects", "messages",
@@ -59,7 +60,7 @@ class Tables:
     monitor_cpu: pd.DataFrame
     monitor_procs: pd.DataFrame
     connections: pd.DataFrame
-    histograms: pd.DataFrame  # metric (connect|delivery), index, count: merged over the run
+    histograms: pd.DataFrame  # metric (connect|delivery|read), index, count: merged over the run
     pids: pd.DataFrame  # host, role, pid: the processes known to be this run's own
 
 
@@ -113,7 +114,7 @@ def read_agent_streams(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 for proc in record.get("procs") or []:
                     if isinstance(proc, dict) and isinstance(proc.get("pid"), int):
                         pids.add((file.parent.name, proc["pid"]))
-                for metric in ("connect", "delivery"):
+                for metric in ("connect", "delivery", "read"):
                     hist = record.get(f"{metric}_hist") or {}
                     if hist.get("unit", "us") != "us":
                         continue

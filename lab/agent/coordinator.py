@@ -164,6 +164,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=0.0,
         help="seconds after the start before the first publish",
     )
+    a(
+        "--kernel-timestamps",
+        action="store_true",
+        help="time each received message by the kernel's receive time (SO_TIMESTAMPNS): "
+        "delivery latency up to its arrival at this host, whatever the agent's own CPU wait; "
+        "the read time is reported beside it (on by default with --publish-url)",
+    )
     a("--agent-id", default="a0", help="name of this agent in the streams")
     a("--out", help="also write the JSON lines to this file")
     a("--records", help="per-connection record file to write at the end (.rec)")
@@ -206,6 +213,7 @@ class Merger:
         self.latest: dict[int, dict[str, Any]] = {}
         self.connect = Histogram("us")
         self.delivery = Histogram("us")
+        self.read = Histogram("us")
         self.lag_ms = 0.0
         self.saturated_ever = False
         self.me = psutil.Process()
@@ -215,6 +223,8 @@ class Merger:
         self.latest[proc] = line
         self.connect.merge(Histogram.from_json(line["connect_hist"]))
         self.delivery.merge(Histogram.from_json(line["delivery_hist"]))
+        if "read_hist" in line:
+            self.read.merge(Histogram.from_json(line["read_hist"]))
         self.lag_ms = max(self.lag_ms, float(line.get("lag_ms", 0.0)))
 
     def line(
@@ -256,8 +266,10 @@ class Merger:
         self.saturated_ever = self.saturated_ever or out["saturated"]
         out["connect_hist"] = self.connect.to_json()
         out["delivery_hist"] = self.delivery.to_json()
+        out["read_hist"] = self.read.to_json()
         self.connect.reset()
         self.delivery.reset()
+        self.read.reset()
         self.lag_ms = 0.0
         return out
 
@@ -530,6 +542,7 @@ def prepare(
             "subscribe": list(args.subscribe),
             "records_path": f"{args.records}.p{k}" if args.records else None,
             "lp_timeout_s": args.lp_timeout,
+            "kernel_timestamps": bool(args.kernel_timestamps or args.publish_url),
         }
         for k in range(procs)
     ]
