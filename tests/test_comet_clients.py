@@ -51,15 +51,7 @@ def token_server() -> Iterator[ServerProcess]:
 
 
 def publish(server: ServerProcess, channel: str, data: str, token: str | None = None) -> int:
-    """POST /pub with urllib (the plain standard-library client); return the message id."""
-    req = urllib.request.Request(
-        f"{server.url}/pub/{channel}",
-        data=data.encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {token}"} if token else {},
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return int(json.load(resp)["id"])
+    return server.publish(channel, data, token)
 
 
 def stats(server: ServerProcess) -> dict[str, Any]:

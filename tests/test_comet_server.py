@@ -49,14 +49,7 @@ def server() -> Iterator[ServerProcess]:
 
 
 def publish(server: ServerProcess, channel: str, data: str, token: str | None = TOKEN) -> int:
-    req = urllib.request.Request(
-        f"{server.url}/pub/{channel}",
-        data=data.encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {token}"} if token else {},
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return int(json.load(resp)["id"])
+    return server.publish(channel, data, token)
 
 
 def get(

@@ -62,6 +62,20 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def publish(self, channel: str, data: str | bytes, token: str | None = None) -> int:
+        """``POST /pub/<channel>`` with the standard library's HTTP client; the message id."""
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.url}/pub/{channel}",
+            data=data.encode() if isinstance(data, str) else data,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(json.load(resp)["id"])
+
     @property
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}"
