@@ -27,6 +27,8 @@ MIN_SOMAXCONN = 1024
 MIN_SYN_BACKLOG = 1024
 MIN_MEM_AVAILABLE = 1 << 30
 MAX_CLOCK_OFFSET_S = 1.0
+# TIME_WAIT sockets above which a host is still busy with an earlier run's connections
+MAX_TIME_WAIT = 5000
 UNLIMITED = 1 << 20
 
 
@@ -159,6 +161,19 @@ def check_host(facts: Mapping[str, Any], host: str | None = None) -> list[Findin
     else:
         level = Level.OK if avail >= MIN_MEM_AVAILABLE else Level.WARN
         add("free memory", level, f"{avail >> 20} MiB available")
+    tw = _int(facts.get("tcp_time_wait"))
+    if tw is not None:
+        level = Level.OK if tw <= MAX_TIME_WAIT else Level.WARN
+        add(
+            "TIME_WAIT sockets",
+            level,
+            str(tw),
+            ""
+            if level is Level.OK
+            else "left by an earlier run: they slow connect() and every "
+            "lookup of an established socket, and so the figures",
+            "" if level is Level.OK else "wait a minute (TIME_WAIT lasts 60 s) and run again",
+        )
     offset = facts.get("clock_offset_s")
     if isinstance(offset, int | float):
         level = Level.OK if abs(offset) <= MAX_CLOCK_OFFSET_S else Level.WARN

@@ -444,6 +444,8 @@ for line in (read("/proc/meminfo") or "").splitlines():
     key, _, rest = line.partition(":")
     if key in ("MemTotal", "MemAvailable", "MemFree"):
         mem[key] = int(rest.split()[0]) * 1024
+tcp = (read("/proc/net/sockstat") or "").partition("TCP:")[2].split("\n")[0].split()
+tw = int(tcp[tcp.index("tw") + 1]) if "tw" in tcp else None
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 inf = resource.RLIM_INFINITY
 print(json.dumps({
@@ -462,6 +464,7 @@ print(json.dumps({
         "net.ipv4.tcp_max_syn_backlog", "fs.file-max", "fs.nr_open")},
     "mem_total_bytes": mem.get("MemTotal"),
     "mem_available_bytes": mem.get("MemAvailable"),
+    "tcp_time_wait": tw,
     "time": __import__("time").time(),
 }))
 """
@@ -473,6 +476,7 @@ async def gather_facts(conn: HostConnection, python: str | None = None) -> dict[
     Keys: python, python_executable, implementation, machine, libc, kernel, hostname,
     cpu_count, nofile_soft, nofile_hard (None = unlimited), sysctls (ip_local_port_range as
     [low, high], somaxconn, tcp_max_syn_backlog, file-max, nr_open), mem_total_bytes,
+    tcp_time_wait (TCP sockets in TIME_WAIT),
     mem_available_bytes, clock_offset_s, clock_rtt_s. For ``lab doctor``.
     """
     python = python or conn.spec.python

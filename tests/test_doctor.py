@@ -22,6 +22,7 @@ GOOD = {
         "net.ipv4.tcp_max_syn_backlog": 2048,
     },
     "mem_available_bytes": 20 << 30,
+    "tcp_time_wait": 12,
     "clock_offset_s": 0.002,
 }
 
@@ -40,6 +41,7 @@ def test_good_host_passes() -> None:
         "somaxconn",
         "tcp_max_syn_backlog",
         "free memory",
+        "TIME_WAIT sockets",
         "clock offset",
     }
 
@@ -55,6 +57,7 @@ def test_bad_host_names_problems_and_fixes() -> None:
             "net.ipv4.tcp_max_syn_backlog": 128,
         },
         "mem_available_bytes": 100 << 20,
+        "tcp_time_wait": 60_000,
         "clock_offset_s": -3.0,
     }
     findings = {f.check: f for f in check_host(bad, host="h")}
@@ -64,6 +67,8 @@ def test_bad_host_names_problems_and_fixes() -> None:
     assert "net.core.somaxconn" in findings["somaxconn"].fix
     assert findings["clock offset"].level is Level.WARN and "NTP" in findings["clock offset"].fix
     assert findings["free memory"].level is Level.WARN
+    tw = findings["TIME_WAIT sockets"]
+    assert tw.level is Level.WARN and "earlier run" in tw.message and "60 s" in tw.fix
     assert check_host({"error": "connection refused"}, host="x")[0].level is Level.FAIL
 
 
