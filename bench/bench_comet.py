@@ -46,7 +46,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.comet.launch import ServerProcess
-from lab.limits import fast_ports_per_pair, raise_nofile_soft_limit, read_host_limits
+from lab.limits import (
+    fast_ports_per_pair,
+    raise_nofile_soft_limit,
+    read_host_limits,
+    settle_time_wait,
+)
 
 PER_CLIENT_PROC = 12_000
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -423,28 +428,6 @@ def bench_memory_broadcast(
         "client_nice": client_nice,
         "client_mode": client_mode,
     }
-
-
-def time_wait_sockets() -> int:
-    """TCP sockets in TIME_WAIT on this host (/proc/net/sockstat ``tw``)."""
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            fields = line.split()
-            return int(fields[fields.index("tw") + 1])
-    return 0
-
-
-def settle_time_wait(limit: int = 2000, timeout_s: float = 70.0) -> None:
-    """Wait (up to the 60 s TIME_WAIT lifetime) until earlier runs' TIME_WAIT sockets are gone:
-    tens of thousands of them make connect() and every lookup of an established socket
-    slower, and the figures with them."""
-    deadline = time.monotonic() + timeout_s
-    tw = time_wait_sockets()
-    if tw > limit:
-        print(f"waiting for {tw} TIME_WAIT sockets of earlier runs to expire ...", flush=True)
-    while tw > limit and time.monotonic() < deadline:
-        time.sleep(1.0)
-        tw = time_wait_sockets()
 
 
 def median_ms(values: Any) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,3 +108,28 @@ def source_addresses_for(connections_per_destination: int, limits: HostLimits) -
     """Source addresses needed so that no (source, destination) pair leaves the fast half of
     its ephemeral ports (see ``FAST_PORT_SHARE``)."""
     return max(1, math.ceil(connections_per_destination / fast_ports_per_pair(limits)))
+
+
+SOCKSTAT_FILE = Path("/proc/net/sockstat")
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT on this host (/proc/net/sockstat ``tw``)."""
+    for line in SOCKSTAT_FILE.read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def settle_time_wait(limit: int = 2000, timeout_s: float = 70.0) -> None:
+    """Wait (up to the 60 s TIME_WAIT lifetime) until earlier runs' TIME_WAIT sockets are gone:
+    tens of thousands of them make connect() and every lookup of an established socket
+    slower, and the figures with them."""
+    deadline = time.monotonic() + timeout_s
+    tw = time_wait_sockets()
+    if tw > limit:
+        print(f"waiting for {tw} TIME_WAIT sockets of earlier runs to expire ...", flush=True)
+    while tw > limit and time.monotonic() < deadline:
+        time.sleep(1.0)
+        tw = time_wait_sockets()

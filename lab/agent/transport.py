@@ -1,0 +1,219 @@
+"""The load process's connection I/O: one epoll set (``Poller``) for all its sockets and a
+``SockTransport`` per connection, which gives the session protocols (``lab.agent.session``)
+the few asyncio transport calls they make, with no task, coroutine, event-loop transport or
+(unless kernel receive times are wanted) socket object per connection.
+
+What it is for: at thousands of new connections a second in one Python process, asyncio's
+per-connection machinery (a task, ``create_connection``'s coroutine and futures, a uvloop
+transport) cost more CPU and memory than the connection's own syscalls; this keeps a
+connection to a file descriptor, four slots and one ``epoll_ctl``.
+"""
+
+from __future__ import annotations
+
+import _socket
+import asyncio
+import contextlib
+import errno
+import os
+import select
+import struct
+from typing import Any
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+OPEN = 1  # SockTransport.OPEN
+EPOLL_FAULT = select.EPOLLERR | select.EPOLLHUP
+READ_BYTES = 65536
+SO_TIMESTAMPNS = 35  # Linux: the kernel's receive time of each read, as ancillary data
+ANC_BYTES = _socket.CMSG_SPACE(16)
+MAX_EVENTS = 1024  # events taken per epoll_wait; the rest wait for the next turn
+
+
+class Poller:
+    """One epoll set for every connection of the process, registered once with the event loop
+    (``start``): a connection costs one ``epoll_ctl`` and no event-loop handle, and one loop
+    wake-up serves every socket that became ready meanwhile. ``fds[fd]`` is the
+    ``SockTransport`` on ``fd``. ``sh`` (optional) is where a read's kernel receive time goes
+    (``Shared.rx_time``) while the protocol handles it, for sockets read with SO_TIMESTAMPNS."""
+
+    __slots__ = ("ep", "fds", "loop", "sh")
+
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self, sh: Any = None) -> None:
+        self.ep = select.epoll()
+        self.fds: list[SockTransport | None] = []
+        self.sh = sh
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        loop.add_reader(self.ep.fileno(), self.poll)
+
+    def add(self, tr: SockTransport, mask: int) -> None:
+        fd = tr.fd
+        fds = self.fds
+        if fd >= len(fds):
+            fds.extend([None] * (fd + 4096 - len(fds)))
+        fds[fd] = tr
+        tr.mask = mask
+        self.ep.register(fd, mask)
+
+    def poll(self) -> None:
+        """The loop saw the epoll set readable: serve every ready socket (the common case,
+        bytes to read on an open connection, inline)."""
+        fds = self.fds
+        read = os.read
+        for fd, ev in self.ep.poll(0, MAX_EVENTS):
+            tr = fds[fd]
+            if tr is None:
+                continue
+            if ev != EPOLLIN or tr.state != OPEN or tr.sock is not None:
+                tr.ready(ev)
+                continue
+            try:
+                data = read(fd, READ_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                tr._close_fd(exc)
+                continue
+            if data:
+                tr.proto.data_received(data)
+            else:  # end of stream
+                tr._close_fd(None)
+
+
+class SockTransport:
+    """The few asyncio transport calls the session protocols make (``write``, ``close``,
+    ``abort``; ``connection_made`` / ``data_received`` / ``connection_lost`` on the protocol),
+    over a raw non-blocking socket fd in the process's ``Poller``. Writes go straight to the
+    socket; only what the kernel did not take waits for EPOLLOUT. ``connection_lost`` comes
+    from the loop, as in asyncio, once the fd is closed. ``sock``: the socket object, kept
+    only when reads need ``recvmsg`` (SO_TIMESTAMPNS on); else None and ``fd`` is all there
+    is (the object was detached: an idle connection costs no socket object)."""
+
+    __slots__ = ("buf", "fd", "mask", "poller", "proto", "sock", "state")
+
+    CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3  # CLOSING: flush, then close
+
+    def __init__(self, poller: Poller, fd: int, proto: Any) -> None:
+        self.poller = poller
+        self.fd = fd
+        self.proto = proto
+        self.buf = b""
+        self.mask = 0  # the epoll events asked for; 0 until registered
+        self.state = SockTransport.CONNECTING
+        self.sock: Any = None
+
+    def write(self, data: bytes) -> None:
+        if self.state >= SockTransport.CLOSING:
+            return
+        if self.buf or self.state == SockTransport.CONNECTING:
+            self.buf += data
+            return
+        try:
+            n = os.write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self._close_fd(exc)
+            return
+        if n < len(data):
+            self.buf = data[n:]
+            if self.mask:
+                self._want(EPOLLIN | EPOLLOUT)
+
+    def close(self) -> None:
+        if self.state >= SockTransport.CLOSING:
+            return
+        if self.buf:
+            self.state = SockTransport.CLOSING
+        else:
+            self._close_fd(None)
+
+    def abort(self) -> None:
+        if self.state != SockTransport.CLOSED:
+            self._close_fd(None)
+
+    def is_closing(self) -> bool:
+        return self.state >= SockTransport.CLOSING
+
+    def ready(self, ev: int) -> None:
+        """Events ``ev`` from the poller."""
+        if self.state == SockTransport.CONNECTING:  # waiting for the TCP handshake
+            if ev & EPOLL_FAULT:
+                self._read()  # a failed connect: the read reports why
+                return
+            self.state = SockTransport.OPEN
+            self._want(EPOLLIN | (EPOLLOUT if self.buf else 0))
+            self.proto.connection_made(self)
+            return
+        if ev & EPOLLOUT:
+            self._flush()
+        if ev & (EPOLLIN | EPOLL_FAULT) and self.state != SockTransport.CLOSED:
+            self._read()
+
+    def _read(self) -> None:
+        sock = self.sock
+        try:
+            if sock is None:
+                data = os.read(self.fd, READ_BYTES)
+            else:
+                data, anc, _, _ = sock.recvmsg(READ_BYTES, ANC_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close_fd(exc)
+            return
+        if data:
+            sh = self.poller.sh
+            if sock is None or sh is None:
+                self.proto.data_received(data)
+                return
+            for level, kind, raw in anc:
+                if level == _socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack_from("qq", raw)
+                    sh.rx_time = sec + nsec * 1e-9
+            try:
+                self.proto.data_received(data)
+            finally:
+                sh.rx_time = 0.0
+        elif self.state == SockTransport.CONNECTING:
+            self._close_fd(ConnectionResetError(errno.ECONNRESET, "connection closed"))
+        else:  # end of stream: as asyncio does when eof_received() returns None
+            self._close_fd(None)
+
+    def _flush(self) -> None:
+        buf = self.buf
+        if buf:
+            try:
+                n = os.write(self.fd, buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._close_fd(exc)
+                return
+            self.buf = buf = buf[n:]
+        if not buf:
+            if self.state == SockTransport.CLOSING:
+                self._close_fd(None)
+            else:
+                self._want(EPOLLIN)
+
+    def _want(self, mask: int) -> None:
+        if mask != self.mask:
+            self.mask = mask
+            self.poller.ep.modify(self.fd, mask)
+
+    def _close_fd(self, exc: BaseException | None) -> None:
+        self.state = SockTransport.CLOSED
+        self.buf = b""
+        if self.mask:  # registered: closing the fd also leaves the epoll set
+            self.poller.fds[self.fd] = None
+            self.mask = 0
+        with contextlib.suppress(OSError):
+            if self.sock is not None:
+                self.sock.close()
+            else:
+                os.close(self.fd)
+        self.poller.loop.call_soon(self.proto.connection_lost, exc)
