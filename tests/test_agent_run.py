@@ -233,6 +233,10 @@ def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
         assert len(loads) == 2
         assert [c.nice() for c in loads] == [7, 7]
         assert me.nice() == psutil.Process().nice()
+        autogroup = Path(f"/proc/{loads[0].pid}/autogroup")
+        if autogroup.exists():  # the scheduler's autogroups: the nice must hold across them
+            assert autogroup.read_text().split()[-1] == "7"
+            assert Path(f"/proc/{proc.pid}/autogroup").read_text().split()[-1] == "0"
         proc.stdout.read()
     finally:
         proc.wait(30)
