@@ -83,7 +83,7 @@ def test_check_plan_reports_capacity() -> None:
     assert all(f.level is Level.OK for f in ok) and any("lab.comet" in f.value for f in ok)
     exp2 = load_experiment(ROOT / "experiments" / "c64k.yaml", {"server.workers": "2"})
     (fail,) = check_plan(exp2, {"local": GOOD})
-    assert fail.level is Level.FAIL and "raise workers to 5" in fail.fix
+    assert fail.level is Level.FAIL and "raise workers to 4" in fail.fix
 
 
 def test_real_metadata_feeds_check_host() -> None:

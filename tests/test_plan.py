@@ -33,7 +33,7 @@ def test_c64k_shards_under_this_machines_limits() -> None:
     plan = make_plan(e, limits(e))
     assert [x.role for x in plan.launches] == [Role.MONITOR, Role.SERVER, Role.AGENT]
     (server,) = plan.stage(Role.SERVER)
-    assert argv_value(server.argv, "--workers") == "5"  # 64,000 × 1.25 / 17,936 per worker
+    assert argv_value(server.argv, "--workers") == "4"  # 64,000 × 1.1 / 17,936 per worker
     assert argv_value(server.argv, "--max-connections") == "64000"
     assert server.health_url == "http://127.0.0.1:18080/healthz"
     (agent,) = plan.stage(Role.AGENT)
@@ -54,7 +54,7 @@ def test_too_few_workers_names_the_limit_and_the_fix() -> None:
     e = exp("c64k", **{"server.workers": "2"})
     with pytest.raises(CapacityError) as info:
         make_plan(e, limits(e))
-    assert "open files" in info.value.limit and "raise workers to 5" in info.value.fix
+    assert "open files" in info.value.limit and "raise workers to 4" in info.value.fix
 
 
 def test_too_few_agent_processes() -> None:
