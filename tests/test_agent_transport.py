@@ -207,3 +207,22 @@ def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> 
         assert sock.fileno() == -1  # closed through the socket object, not twice
 
     asyncio.run(main())
+
+
+def test_a_ticking_poller_reads_without_being_woken_by_arrivals() -> None:
+    """start(loop, tick_s): the epoll set is not registered with the loop; ticks read it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        poller = Poller()
+        poller.start(loop, tick_s=0.01)
+        with listener() as srv:
+            tr, proto, peer = open_transport(poller, srv)
+            assert not loop.remove_reader(poller.ep.fileno())  # no reader on the loop
+            peer.sendall(b"ticked")
+            peer.close()
+            await asyncio.wait_for(proto.done.wait(), 10)
+        assert bytes(proto.data) == b"ticked" and proto.lost == [None]
+        tr.abort()
+
+    asyncio.run(main())

@@ -56,6 +56,9 @@ TIMER_SLACK_S = 0.001  # timers fire up to 1 ms early: arm them this late
 # and started times, latency counts from the scheduled time and the lag is reported.
 LAUNCH_WINDOW_S = 0.002
 SOCK_STREAM_NONBLOCK = _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK
+# with --kernel-timestamps: how often the sockets are read (the upgrade's connected time and
+# each message's arrival come from the kernel's receive time, not from the read)
+READ_TICK_S = 0.005
 PENDING = int(Outcome.PENDING)
 
 
@@ -369,7 +372,9 @@ class LoadProcess:
         self.t0 = loop.time() + (start_at - now)
         self.mono0 = time.monotonic() + (start_at - now)
         self.sh.clock = self._unix
-        self.poller.start(loop)
+        # with kernel receive times the sockets are read in ticks (their figures do not
+        # depend on when they are read), else at each arrival
+        self.poller.start(loop, READ_TICK_S if self.kernel_timestamps else 0.0)
         sched = self.sched
         for i in range(len(sched)):
             self.records.scheduled[i] = start_at + sched.open_s[i]

@@ -140,7 +140,9 @@ class Shared:
         self.conns[i] = None
 
     def connected(self, i: int) -> None:
-        now = self.clock()
+        """Connection ``i`` is up (for a WebSocket: the 101 was read), at the kernel's receive
+        time of that read when known."""
+        now = self.rx_time or self.clock()
         rec = self.records
         rec.connected[i] = now
         rec.outcome[i] = OK  # a plain int: stored faster than the enum

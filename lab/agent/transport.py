@@ -34,9 +34,15 @@ class Poller:
     (``start``): a connection costs one ``epoll_ctl`` and no event-loop handle, and one loop
     wake-up serves every socket that became ready meanwhile. ``fds[fd]`` is the
     ``SockTransport`` on ``fd``. ``sh`` (optional) is where a read's kernel receive time goes
-    (``Shared.rx_time``) while the protocol handles it, for sockets read with SO_TIMESTAMPNS."""
+    (``Shared.rx_time``) while the protocol handles it, for sockets read with SO_TIMESTAMPNS.
 
-    __slots__ = ("ep", "fds", "loop", "sh")
+    ``start(loop, tick_s)`` with ``tick_s > 0``: the set is polled every ``tick_s`` instead of
+    waking the process at each arrival. Meant for sockets read with kernel receive times, whose
+    measurements do not depend on when they are read: on a host shared with the server, a
+    broadcast to thousands of sockets then wakes no agent process per message (each wake-up
+    is paid inside the server's send()), and the agent reads in batches."""
+
+    __slots__ = ("ep", "fds", "loop", "sh", "tick_s")
 
     loop: asyncio.AbstractEventLoop
 
@@ -45,9 +51,18 @@ class Poller:
         self.fds: list[SockTransport | None] = []
         self.sh = sh
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0) -> None:
         self.loop = loop
-        loop.add_reader(self.ep.fileno(), self.poll)
+        self.tick_s = tick_s
+        if tick_s > 0:
+            loop.call_later(tick_s, self._tick)
+        else:
+            loop.add_reader(self.ep.fileno(), self.poll)
+
+    def _tick(self) -> None:
+        while self.poll() == MAX_EVENTS:
+            pass
+        self.loop.call_later(self.tick_s, self._tick)
 
     def add(self, tr: SockTransport, mask: int) -> None:
         fd = tr.fd
@@ -58,12 +73,13 @@ class Poller:
         tr.mask = mask
         self.ep.register(fd, mask)
 
-    def poll(self) -> None:
-        """The loop saw the epoll set readable: serve every ready socket (the common case,
-        bytes to read on an open connection, inline)."""
+    def poll(self) -> int:
+        """Serve every ready socket (the common case, bytes to read on an open connection,
+        inline), at most ``MAX_EVENTS``; return how many were ready."""
         fds = self.fds
         read = os.read
-        for fd, ev in self.ep.poll(0, MAX_EVENTS):
+        events = self.ep.poll(0, MAX_EVENTS)
+        for fd, ev in events:
             tr = fds[fd]
             if tr is None:
                 continue
@@ -81,6 +97,7 @@ class Poller:
                 tr.proto.data_received(data)
             else:  # end of stream
                 tr._close_fd(None)
+        return len(events)
 
 
 class SockTransport:
