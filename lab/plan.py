@@ -403,8 +403,6 @@ def _agent_launch(exp: Experiment, share: AgentShare, index: int, hosts: int) ->
     argv += ["--procs", str(share.procs)]
     if exp.agents.nice:
         argv += ["--nice", str(exp.agents.nice)]
-    if exp.publishing:  # every agent times arrivals, not only the one that publishes
-        argv += ["--kernel-timestamps"]
     if share.source_ips:
         argv += ["--source-ips", ",".join(share.source_ips)]
     argv += [

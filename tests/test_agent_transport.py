@@ -201,8 +201,9 @@ def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> 
             await asyncio.wait_for(proto.done.wait(), 10)
         assert bytes(proto.data) == b"stamped"
         # the receive time is the arrival, not the (later) read
-        assert len(proto.seen) == 1 and sent - 0.01 <= proto.seen[0] <= sent + 0.1
-        assert proto.seen[0] < read_after - 0.1
+        figures = (sent, proto.seen, read_after)
+        assert len(proto.seen) == 1 and sent - 0.01 <= proto.seen[0] <= sent + 0.1, figures
+        assert proto.seen[0] < read_after - 0.1, figures
         assert sh.rx_time == 0.0  # only while the protocol handles the read
         assert sock.fileno() == -1  # closed through the socket object, not twice
 

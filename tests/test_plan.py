@@ -195,16 +195,6 @@ def test_agents_nice_reaches_the_agent_command() -> None:
     assert argv_value(agent.argv, "--nice") == "10"
 
 
-def test_agents_time_arrivals_when_the_experiment_publishes() -> None:
-    e = exp("smoke")
-    (agent,) = make_plan(e, limits(e)).stage(Role.AGENT)
-    assert "--kernel-timestamps" in agent.argv
-    wide = HostLimits(20000, 20000, 1024, 65535, 24 << 30)
-    e = exp("c64k-hosts")  # no publishing
-    agents = make_plan(e, limits(e, wide)).stage(Role.AGENT)
-    assert not any("--kernel-timestamps" in a.argv for a in agents)
-
-
 def test_start_delay_grows_with_agent_processes() -> None:
     small, big = exp("smoke"), exp("c64k")
     assert make_plan(small, limits(small)).start_delay_s == 3.0
