@@ -450,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         help="connections for the one-worker accept test (default 10000; 0 = skip)",
     )
     p.add_argument(
-        "--accept-clients", type=int, default=1, help="client processes for the accept test"
+        "--accept-clients",
+        type=int,
+        default=2,
+        help="client processes for the accept test (default 2: the 'fast client' of the "
+        "target; one Python client process keeps a worker only partly busy, and an idle "
+        "worker pays a wake-up per connection)",
     )
     p.add_argument(
         "--clients",
