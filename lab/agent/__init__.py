@@ -11,6 +11,7 @@
 - ``target``      a destination URL parsed once, with its prepared first request
 - ``session``     the client protocols (websocket, generic, longpoll, sse)
 - ``proc``        one load process (its shard of the schedule)
+- ``transport``   its connection I/O: one epoll set, read every 2 ms, kernel receive times
 - ``coordinator`` the parent: capacity, processes, merged stream, records, publisher
 - ``publisher``   POST /pub/<channel> at a rate, each body carrying its send time
 - ``records``     per-connection columns and the .rec file format
@@ -26,6 +27,10 @@ Plan file (``--plan FILE.json``; the controller writes it)::
        {"kind": "close", "rate_per_s": 5000},                  close oldest first at a rate,
        {"kind": "close"}                                       or all at once;
      ]}                                                        optional "count": close only N
+
+Connect and delivery latencies end at the kernel's receive time of the read that brought the
+101 response or the message (SO_TIMESTAMPNS), so they do not depend on when the agent got the
+CPU to read it; ``--read-on-arrival`` reads at each arrival and times by the read instead.
 
 Times are offsets from the common start (``--start-at``, unix seconds; default: now + 0.5 s).
 Connections still open after the last phase close at its end. Several agent hosts each get
