@@ -47,7 +47,7 @@ SLAB_NAMES = ("TCP", "TCPv6", "tcp_bind_bucket", "request_sock_TCP", "tw_sock_TC
 class ProcSample(TypedDict):
     pid: int
     role: str
-    cpu_percent: float
+    cpu_percent: float | None  # None in a process's first sample (no full interval yet)
     rss: int
     uss: int | None
     num_fds: int | None
@@ -137,6 +137,9 @@ class Tracked:
     role: str
     uss: int | None = None
     num_fds: int | None = None
+    # found in this sample: its CPU counter was primed a moment ago, and a percentage over
+    # milliseconds (clock ticks of 10 ms) can read 500 %: not reported until the next sample
+    fresh: bool = True
 
 
 @dataclass
@@ -199,7 +202,7 @@ class Monitor:
             p = t.proc
             try:
                 with p.oneshot():
-                    cpu = p.cpu_percent(None)
+                    cpu: float | None = p.cpu_percent(None)
                     rss = p.memory_info().rss
                     threads = p.num_threads()
                 fds = _fd_count(pid)
@@ -213,6 +216,9 @@ class Monitor:
                 continue
             except psutil.AccessDenied:
                 cpu, rss, threads = 0.0, 0, 0
+            if t.fresh:
+                t.fresh = False
+                cpu = None
             out.append(
                 ProcSample(
                     pid=pid,
