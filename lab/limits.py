@@ -115,11 +115,9 @@ SOCKSTAT_FILE = Path("/proc/net/sockstat")
 
 def time_wait_sockets() -> int:
     """TCP sockets in TIME_WAIT on this host (/proc/net/sockstat ``tw``)."""
-    for line in SOCKSTAT_FILE.read_text().splitlines():
-        if line.startswith("TCP:"):
-            fields = line.split()
-            return int(fields[fields.index("tw") + 1])
-    return 0
+    from lab.monitor import parse_sockstat
+
+    return parse_sockstat(SOCKSTAT_FILE.read_text())["tcp_tw"]
 
 
 def settle_time_wait(limit: int = 2000, timeout_s: float = 70.0) -> None:

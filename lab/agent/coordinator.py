@@ -239,8 +239,7 @@ class Merger:
         self.latest[proc] = line
         self.connect.merge(Histogram.from_json(line["connect_hist"]))
         self.delivery.merge(Histogram.from_json(line["delivery_hist"]))
-        if "read_hist" in line:
-            self.read.merge(Histogram.from_json(line["read_hist"]))
+        self.read.merge(Histogram.from_json(line["read_hist"]))
         self.lag_ms = max(self.lag_ms, float(line.get("lag_ms", 0.0)))
 
     def line(

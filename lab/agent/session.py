@@ -497,20 +497,7 @@ class WebSocketClient(Client):
             return
         st[0] = mid
         st[1] = ((st[1] << 1) | 1) & WINDOW_MASK
-        body = env.get("data")
-        if type(body) is str and body.startswith(_TS_PREFIX):
-            comma = body.find(",", 6)
-            if comma > 6:
-                try:
-                    ts = float(body[6:comma])
-                except ValueError:
-                    pass
-                else:
-                    now = time.time()
-                    sh.delivery_hist.record(((sh.rx_time or now) - ts) * 1e6)
-                    sh.read_hist.record((now - ts) * 1e6)
-                    return
-        sent = send_time(body)
+        sent = send_time(env.get("data"))
         if sent is not None:
             sh.latency(sent)
 
