@@ -164,7 +164,7 @@ def test_connecting_waits_for_the_handshake_and_reports_a_refusal() -> None:
 
 
 def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> None:
-    from lab.agent.transport import SO_TIMESTAMPNS
+    from lab.agent.transport import SO_TIMESTAMPNS, kernel_timestamps_on
 
     class Shared:
         rx_time = 0.0
@@ -180,6 +180,7 @@ def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> 
             self.seen.append(self.sh.rx_time)
 
     async def main() -> None:
+        stamps = kernel_timestamps_on()  # as a load process does before its first connection
         sh = Shared()
         poller = started_poller(sh)
         with listener() as srv:
@@ -206,6 +207,7 @@ def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> 
         assert proto.seen[0] < read_after - 0.1, figures
         assert sh.rx_time == 0.0  # only while the protocol handles the read
         assert sock.fileno() == -1  # closed through the socket object, not twice
+        stamps.close()
 
     asyncio.run(main())
 

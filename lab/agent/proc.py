@@ -42,7 +42,15 @@ from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
 from lab.agent.records import Outcome, Records
 from lab.agent.schedule import Arrival, Phase, PhaseKind, build_schedule
 from lab.agent.session import CLIENTS, SessionKind, Shared, Target, classify, make_target
-from lab.agent.transport import EPOLLIN, EPOLLOUT, OPEN, SO_TIMESTAMPNS, Poller, SockTransport
+from lab.agent.transport import (
+    EPOLLIN,
+    EPOLLOUT,
+    OPEN,
+    SO_TIMESTAMPNS,
+    Poller,
+    SockTransport,
+    kernel_timestamps_on,
+)
 from lab.limits import raise_nofile_soft_limit
 
 BATCH = 256  # opens/closes per scheduler turn before yielding to I/O
@@ -157,6 +165,7 @@ class LoadProcess:
         self.ps = psutil.Process()
         # read with SO_TIMESTAMPNS: messages are timed by their arrival at this host
         self.kernel_timestamps = bool(cfg.get("kernel_timestamps", True))
+        self.stamps_on = kernel_timestamps_on() if self.kernel_timestamps else None
         self.poller = Poller(self.sh)
 
     # -- schedule ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import contextlib
 import errno
 import os
 import select
+import socket
 import struct
+import time
 from typing import Any
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
@@ -27,6 +29,29 @@ READ_BYTES = 65536
 SO_TIMESTAMPNS = 35  # Linux: the kernel's receive time of each read, as ancillary data
 ANC_BYTES = _socket.CMSG_SPACE(16)
 MAX_EVENTS = 1024  # events taken per epoll_wait; the rest wait for the next turn
+
+
+def kernel_timestamps_on(timeout_s: float = 1.0) -> Any:
+    """Turn the kernel's receive timestamps on before any connection needs them, and keep them
+    on: Linux starts timestamping packets only some time after the first socket asks for it
+    (the switch is deferred to a work queue), so the first connections' packets would carry no
+    receive time. A loopback TCP pair with SO_TIMESTAMPNS is probed until a read brings one
+    (bounded by ``timeout_s``); its socket is returned, to be kept open while they are wanted."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        keeper = socket.socket()
+        keeper.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        keeper.connect(listener.getsockname())
+        peer, _ = listener.accept()
+    with peer:
+        keeper.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            peer.send(b".")
+            _, anc, _, _ = keeper.recvmsg(16, ANC_BYTES)
+            if any(kind == SO_TIMESTAMPNS for _, kind, _ in anc):
+                break
+            time.sleep(0.001)
+    return keeper
 
 
 class Poller:
@@ -75,28 +100,17 @@ class Poller:
 
     def poll(self) -> int:
         """Serve every ready socket (the common case, bytes to read on an open connection,
-        inline), at most ``MAX_EVENTS``; return how many were ready."""
+        straight to its read), at most ``MAX_EVENTS``; return how many were ready."""
         fds = self.fds
-        read = os.read
         events = self.ep.poll(0, MAX_EVENTS)
         for fd, ev in events:
             tr = fds[fd]
             if tr is None:
                 continue
-            if ev != EPOLLIN or tr.state != OPEN or tr.sock is not None:
+            if ev == EPOLLIN and tr.state == OPEN:
+                tr._read()
+            else:
                 tr.ready(ev)
-                continue
-            try:
-                data = read(fd, READ_BYTES)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                tr._close_fd(exc)
-                continue
-            if data:
-                tr.proto.data_received(data)
-            else:  # end of stream
-                tr._close_fd(None)
         return len(events)
 
 
