@@ -236,7 +236,9 @@ def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
         autogroup = Path(f"/proc/{loads[0].pid}/autogroup")
         if autogroup.exists():  # the scheduler's autogroups: the nice must hold across them
             assert autogroup.read_text().split()[-1] == "7"
-            assert Path(f"/proc/{proc.pid}/autogroup").read_text().split()[-1] == "0"
+            # The coordinator's group is untouched: its own at nice 0, or (no setsid since boot,
+            # as under some CI runners) the root group, whose file is empty.
+            assert Path(f"/proc/{proc.pid}/autogroup").read_text().split()[-1:] in ([], ["0"])
         proc.stdout.read()
     finally:
         proc.wait(30)
