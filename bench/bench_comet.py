@@ -19,6 +19,10 @@ were on other hosts (then "arrival" is the server's figure, "read" the clients')
 
     .venv/bin/python bench/bench_comet.py --connections 15000 --workers 2 --client-nice 19
     .venv/bin/python bench/bench_comet.py --connections 64000 --workers 4 --client-nice 19
+
+``--server nchan`` measures nginx + nchan (the C comparator of ../shared/DESIGN.md, from
+``apt-get install nginx libnginx-mod-nchan``) with the same clients, in the same way, on the
+same box: what this machine allows a C server, beside what lab.comet gets.
 """
 
 from __future__ import annotations
@@ -30,11 +34,17 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
+import resource
 import select
+import shutil
+import signal
 import socket
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from multiprocessing.connection import Connection
@@ -259,11 +269,6 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def worker_pids(server: ServerProcess) -> list[int]:
-    with urllib.request.urlopen(f"{server.url}/stats", timeout=10) as resp:
-        return [int(w["pid"]) for w in json.load(resp)["workers"]]
-
-
 def uss(pids: list[int]) -> int:
     return sum(psutil.Process(p).memory_full_info().uss for p in pids)
 
@@ -278,35 +283,186 @@ def cpu_s(pids: list[int]) -> tuple[float, float]:
     return user, system
 
 
-def fanout_ms(server: ServerProcess, published: int, timeout_s: float = 5.0) -> float:
-    """The slowest worker's fan-out of publish number ``published`` (the server's own figure:
-    writing the message to all its subscribers), from /stats once it shows that publish."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{server.url}/stats", timeout=10) as resp:
-            stats = json.load(resp)
-        if stats.get("published", 0) >= published:
-            return max(float(w.get("fanout_ms", 0.0)) for w in stats["workers"])
-        time.sleep(0.2)
-    return math.nan
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
 
 
-def wait_online(server: ServerProcess, n: int, timeout_s: float = 30.0) -> int:
+class LabServer:
+    """``lab.comet`` under test: its workers, its /stats, its own fan-out figure."""
+
+    name = "lab.comet"
+    ws_path = "/ws?channel=bench"
+
+    def __init__(self, workers: int, max_connections: int = 0) -> None:
+        extra = ["--quiet"]
+        if max_connections:
+            extra += ["--max-connections", str(max_connections)]
+        self.proc = ServerProcess(workers=workers, extra=extra, start_timeout_s=60)
+
+    def __enter__(self) -> LabServer:
+        self.proc.start()
+        self.host, self.port = self.proc.host, self.proc.port
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stop()
+
+    def worker_pids(self) -> list[int]:
+        return [int(w["pid"]) for w in get_json(f"{self.proc.url}/stats")["workers"]]
+
+    def online(self) -> int:
+        return int(get_json(f"{self.proc.url}/stats")["online"])
+
+    def publish(self, payload: bytes) -> int:
+        return self.proc.publish("bench", payload)
+
+    def fanout_ms(self, message_id: int, timeout_s: float = 5.0) -> float:
+        """The slowest worker's fan-out of message ``message_id`` (the server's own figure:
+        writing the message to all its subscribers), once every worker's entry in /stats
+        (refreshed about once a second) is about that message."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = get_json(f"{self.proc.url}/stats")["workers"]
+            if all(int(w.get("fanout_id", 0)) >= message_id for w in workers):
+                return max(float(w["fanout_ms"]) for w in workers)
+            time.sleep(0.1)
+        return math.nan
+
+
+NCHAN_CONF = """\
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile {nofile};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+load_module {module};
+events {{ worker_connections {conns}; use epoll; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  server {{
+    listen {host}:{port} reuseport backlog=4096;
+    location = /ws {{ nchan_subscriber websocket; nchan_channel_id $arg_channel; }}
+    location ~ ^/pub/(\\w+)$ {{ nchan_publisher; nchan_channel_id $1; }}
+    location = /status {{ nchan_stub_status; }}
+  }}
+}}
+"""
+
+
+class NchanServer:
+    """nginx + nchan, the C comparator of ../shared/DESIGN.md, measured the same way
+    (``apt-get install nginx libnginx-mod-nchan``). Workers share the port with SO_REUSEPORT
+    as lab.comet's do; nchan has no fan-out figure of its own."""
+
+    name = "nginx + nchan"
+    ws_path = "/ws?channel=bench"
+    MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+
+    def __init__(self, workers: int, max_connections: int = 0) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(nginx).exists() or not self.MODULE.exists():
+            raise SystemExit(
+                "bench_comet --server nchan: nginx or its nchan module is missing; "
+                "install them with: apt-get install nginx libnginx-mod-nchan"
+            )
+        self.nginx, self.workers = nginx, workers
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-nchan-"))
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        (self.dir / "nginx.conf").write_text(
+            NCHAN_CONF.format(
+                workers=workers,
+                nofile=nofile,
+                conns=nofile - 100,
+                dir=self.dir,
+                module=self.MODULE,
+                host=self.host,
+                port=self.port,
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> NchanServer:
+        self.proc = subprocess.Popen(
+            [self.nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if len(self.worker_pids()) == self.workers and self.online() >= 0:
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        log = (self.dir / "error.log").read_text() if (self.dir / "error.log").exists() else ""
+        self.__exit__()
+        raise SystemExit(f"bench_comet: nginx + nchan did not start: {log[-500:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: workers close their sockets
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        return [c.pid for c in psutil.Process(self.proc.pid).children()]
+
+    def online(self) -> int:
+        with urllib.request.urlopen(f"http://{self.host}:{self.port}/status", timeout=10) as r:
+            text = r.read().decode()
+        m = re.search(r"^subscribers: (\d+)", text, re.M)
+        if m is None:
+            raise ValueError(f"nchan status without subscribers: {text[:200]!r}")
+        return int(m.group(1))
+
+    def publish(self, payload: bytes) -> int:
+        req = urllib.request.Request(
+            f"http://{self.host}:{self.port}/pub/bench", data=payload, method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            resp.read()
+        return 0
+
+    def fanout_ms(self, message_id: int, timeout_s: float = 5.0) -> float:
+        return math.nan
+
+
+SERVERS: dict[str, type[LabServer] | type[NchanServer]] = {"lab": LabServer, "nchan": NchanServer}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_online(server: Any, n: int, timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
     online = 0
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{server.url}/stats", timeout=10) as resp:
-            online = int(json.load(resp)["online"])
+        online = server.online()
         if online >= n:
             break
         time.sleep(0.5)
     return online
 
 
-def bench_accept(n: int, window: int, clients: int = 1) -> dict[str, float]:
+def bench_accept(
+    n: int, window: int, clients: int = 1, server_kind: str = "lab"
+) -> dict[str, float]:
     """Accept + upgrade rate and server CPU per connection in one worker."""
-    with ServerProcess(workers=1, extra=["--quiet"]) as server:
-        pids = worker_pids(server)
+    with SERVERS[server_kind](workers=1) as server:
+        pids = server.worker_pids()
         target: tuple[Any, ...] = (server.host, server.port, "/ws?channel=a", [], window)
         # warm up: the first connections pay for imports and allocator growth
         pool = ClientPool(1)
@@ -344,16 +500,15 @@ def bench_memory_broadcast(
     clients: int = 0,
     client_nice: int = 0,
     client_mode: str = "live",
+    server_kind: str = "lab",
 ) -> dict[str, float]:
     procs = clients or max(1, math.ceil(n / PER_CLIENT_PROC))
     # enough 127.x source addresses that connect() stays fast (lab.limits.FAST_PORT_SHARE)
     per_source = fast_ports_per_pair(read_host_limits())
     n_sources = math.ceil(n / per_source) if n > per_source else 0
     sources = [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n_sources)]
-    with ServerProcess(
-        workers=workers, extra=["--quiet", "--max-connections", str(n)], start_timeout_s=60
-    ) as server:
-        pids = worker_pids(server)
+    with SERVERS[server_kind](workers, max_connections=n) as server:
+        pids = server.worker_pids()
         time.sleep(1.0)
         uss0 = uss(pids)
         pool = ClientPool(procs, client_nice)
@@ -366,7 +521,7 @@ def bench_memory_broadcast(
                     shares[i],
                     server.host,
                     server.port,
-                    "/ws?channel=bench",
+                    server.ws_path,
                     sources,
                     window,
                 ),
@@ -377,17 +532,13 @@ def bench_memory_broadcast(
             online = wait_online(server, ok)
             time.sleep(2.0)  # let the figures settle (stats ticks, allocator)
             uss_n = uss(pids)
-            times = []
-            payload = "x" * payload_bytes
+            times: list[tuple[float, float, int, float, float, float]] = []
+            payload = b"x" * payload_bytes
             for _ in range(rounds):
                 pool.all("arm", lambda i: (client_mode,))
-                req = urllib.request.Request(
-                    f"{server.url}/pub/bench", data=payload.encode(), method="POST"
-                )
                 t_pub = time.time()
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    resp.read()
-                fanout = fanout_ms(server, len(times) + 1) if client_mode == "after" else 0.0
+                message_id = server.publish(payload)
+                fanout = server.fanout_ms(message_id) if client_mode == "after" else 0.0
                 got = pool.all("collect", lambda i: (30.0,))
                 read_at = sorted(t for r, _ in got for t in r)
                 kernel_at = sorted(t for _, k in got for t in k)
@@ -401,8 +552,15 @@ def bench_memory_broadcast(
                             len(read_at),
                             kernel_at[-1] - t_pub,
                             kernel_at[len(kernel_at) // 2] - t_pub,
-                            fanout or fanout_ms(server, len(times) + 1),
+                            fanout or server.fanout_ms(message_id),
                         )
+                    )
+                    read_all, _, _, kernel_all, kernel_p50, fan = times[-1]
+                    read = f", read all {read_all * 1e3:.1f} ms" if client_mode == "live" else ""
+                    print(
+                        f"  round {len(times)}: arrival all {kernel_all * 1e3:.1f} ms "
+                        f"(p50 {kernel_p50 * 1e3:.1f}){read}, server fan-out {fan:.1f} ms",
+                        flush=True,
                     )
                 time.sleep(0.3)
         finally:
@@ -427,6 +585,7 @@ def bench_memory_broadcast(
         "fanout_ms": statistics.median(t[5] for t in times) if times else math.nan,
         "client_nice": client_nice,
         "client_mode": client_mode,
+        "server": server.name,
     }
 
 
@@ -479,6 +638,14 @@ def main(argv: list[str] | None = None) -> int:
         "during a broadcast and read afterwards, arrival from kernel receive times (the "
         "server measured as if its clients were on other hosts) (default live)",
     )
+    p.add_argument(
+        "--server",
+        choices=sorted(SERVERS),
+        default="lab",
+        help="the server measured: lab (lab.comet) or nchan (nginx + nchan, the C comparator "
+        "of the design notes, from apt-get install nginx libnginx-mod-nchan), measured by the "
+        "same clients in the same way (default lab)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="broadcast rounds (default 5)")
     p.add_argument(
         "--payload-bytes", type=int, default=64, help="broadcast message size (default 64)"
@@ -491,10 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     settle_time_wait()
     out: dict[str, Any] = {}
     if args.accept_connections:
-        acc = bench_accept(args.accept_connections, args.window, args.accept_clients)
+        acc = bench_accept(args.accept_connections, args.window, args.accept_clients, args.server)
         out.update(acc)
         print(
-            f"accept+upgrade, 1 worker: {acc['accept_connections']} connections at "
+            f"{SERVERS[args.server].name} accept+upgrade, 1 worker: "
+            f"{acc['accept_connections']} connections at "
             f"{acc['accept_rate_per_s']:.0f}/s, server CPU {acc['accept_cpu_us_per_conn']:.1f} us "
             f"per connection (user {acc['accept_user_us_per_conn']:.1f}, system "
             f"{acc['accept_system_us_per_conn']:.1f}; {acc['accept_failed']} failed)"
@@ -510,10 +678,11 @@ def main(argv: list[str] | None = None) -> int:
         args.clients,
         args.client_nice,
         args.client_mode,
+        args.server,
     )
     out.update(mem)
     print(
-        f"memory, {mem['workers']} workers, {mem['connections']} idle WebSockets "
+        f"{mem['server']} memory, {mem['workers']} workers, {mem['connections']} idle WebSockets "
         f"({mem['connect_failed']} failed, connected at {mem['connect_rate_per_s']:.0f}/s): "
         f"{mem['uss_per_conn_bytes'] / 1024:.2f} KiB summed worker USS per connection "
         f"(idle server {mem['uss_idle_server_bytes'] / 2**20:.1f} MiB, at N "
@@ -523,21 +692,24 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(
-        f"broadcast to all {mem['connections']} subscribers, arrival at the clients' sockets "
+        f"{mem['server']} broadcast to all {mem['connections']} subscribers, "
+        "arrival at the clients' sockets "
         f"(kernel receive time): median {mem['broadcast_kernel_all_ms']:.1f} ms (p50 arrival "
         f"{mem['broadcast_kernel_p50_ms']:.1f} ms, worst round "
         f"{mem['broadcast_kernel_worst_ms']:.1f} ms; the slowest worker's own fan-out "
         f"{mem['fanout_ms']:.1f} ms)   [target <= 200 ms at 15000, <= 600 ms at 64000]",
         flush=True,
     )
-    print(
-        f"broadcast to all {mem['connections']} subscribers, read by the client processes: "
-        f"median {mem['broadcast_all_ms']:.1f} ms (p50 {mem['broadcast_p50_ms']:.1f} ms, "
-        f"worst round {mem['broadcast_worst_ms']:.1f} ms, min delivered "
-        f"{mem['broadcast_delivered_min']}, client nice {mem['client_nice']}, clients "
-        f"{mem['client_mode']})",
-        flush=True,
-    )
+    if mem["client_mode"] == "live":  # 'after' clients read when told to: not a latency
+        print(
+            f"{mem['server']} broadcast to all {mem['connections']} subscribers, "
+            "read by the client processes: "
+            f"median {mem['broadcast_all_ms']:.1f} ms (p50 {mem['broadcast_p50_ms']:.1f} ms, "
+            f"worst round {mem['broadcast_worst_ms']:.1f} ms, min delivered "
+            f"{mem['broadcast_delivered_min']}, client nice {mem['client_nice']}, clients "
+            f"{mem['client_mode']})",
+            flush=True,
+        )
     print(json.dumps({"kind": "bench_comet", **out}), flush=True)
     return 0
 

@@ -26,6 +26,7 @@ class WorkerFigures(TypedDict):
     restarts: int
     fanout_ms: float
     fanout_subscribers: int
+    fanout_id: int
 
 
 class ServerLine(TypedDict):
@@ -55,6 +56,7 @@ def worker_figures(
         "restarts": restarts,
         "fanout_ms": float(r.get("fanout_ms", 0.0)),
         "fanout_subscribers": int(r.get("fanout_subscribers", 0)),
+        "fanout_id": int(r.get("fanout_id", 0)),
     }
 
 

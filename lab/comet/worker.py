@@ -103,6 +103,7 @@ class Worker:
         self._events_last = 0
         self.fanout_ms = 0.0  # the latest fan-out: writing one message to all subscribers here
         self.fanout_subscribers = 0
+        self.fanout_id = 0  # the (per-channel) id of the message of that fan-out
         self.pending: dict[int, HttpConn] = {}
         self._next_req = 0
         self._channel_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -155,6 +156,7 @@ class Worker:
                 self.fan_out(Outgoing(msg), subscribers)
                 self.fanout_ms = (time.perf_counter() - t0) * 1e3
                 self.fanout_subscribers = len(subscribers)
+                self.fanout_id = msg.id
             if message.get("w") == self.pid:
                 conn = self.pending.pop(message["req"], None)
                 if conn is not None:
@@ -196,6 +198,7 @@ class Worker:
             "pcs": pcs if pcs is not None else 0,
             "fanout_ms": round(self.fanout_ms, 3),
             "fanout_subscribers": self.fanout_subscribers,
+            "fanout_id": self.fanout_id,
         }
 
     def stats_json(self) -> bytes:
