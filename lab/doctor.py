@@ -28,6 +28,7 @@ MIN_SYN_BACKLOG = 1024
 MIN_MEM_AVAILABLE = 1 << 30
 MAX_CLOCK_OFFSET_S = 1.0
 # TIME_WAIT sockets above which a host is still busy with an earlier run's connections
+# (lab.engine.SETTLE_TIME_WAIT: a run waits for them to expire)
 MAX_TIME_WAIT = 5000
 UNLIMITED = 1 << 20
 
@@ -172,7 +173,9 @@ def check_host(facts: Mapping[str, Any], host: str | None = None) -> list[Findin
             if level is Level.OK
             else "left by an earlier run: they slow connect() and every "
             "lookup of an established socket, and so the figures",
-            "" if level is Level.OK else "wait a minute (TIME_WAIT lasts 60 s) and run again",
+            ""
+            if level is Level.OK
+            else "lab run waits for them to expire (TIME_WAIT lasts 60 s) before it starts",
         )
     offset = facts.get("clock_offset_s")
     if isinstance(offset, int | float):

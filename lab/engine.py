@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lab.doctor import MAX_TIME_WAIT
 from lab.launch import (
     HEALTH_SCRIPT,
     LIMITS_SCRIPT,
@@ -45,6 +46,20 @@ SCHEMA_VERSION = 1
 STOP_GRACE_S = 10.0  # SIGTERM → SIGKILL
 HEALTH_TIMEOUT_S = 30.0
 FINISH_SLACK_S = 30.0  # past start delay + max_duration_s before agents count as overdue
+# TIME_WAIT sockets on a host (an earlier run's connections: they last 60 s) above which the
+# run waits for them to expire before it starts anything there: tens of thousands of them
+# make connect() and every lookup of an established socket slower, and the figures with them
+# (measured: 64,000 left by one c64k run). SETTLE_TIMEOUT_S bounds the wait.
+SETTLE_TIME_WAIT = MAX_TIME_WAIT  # lab doctor warns above the same count
+SETTLE_TIMEOUT_S = 70.0
+# run on a host: its TIME_WAIT sockets (last line); with "LIMIT TIMEOUT_S", after waiting
+TIME_WAIT_SCRIPT = (
+    "import json, sys\n"
+    "from lab.limits import settle_time_wait, time_wait_sockets\n"
+    "if len(sys.argv) > 2:\n"
+    "    settle_time_wait(int(sys.argv[1]), float(sys.argv[2]))\n"
+    "print(json.dumps(time_wait_sockets()))\n"
+)
 
 
 class Outcome(enum.Enum):
@@ -281,6 +296,28 @@ class Engine:
         lim = await conn.run(f"{q(dep.python)} -c {q(LIMITS_SCRIPT)}", timeout_s=60)
         info["_limits"] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
         info["limits"] = dataclasses.asdict(info["_limits"])
+        await self._settle_time_wait(name, conn, dep.python)
+
+    async def _settle_time_wait(self, name: str, conn: HostConnection, python: str) -> None:
+        """Wait (bounded) for an earlier run's TIME_WAIT sockets on the host to expire;
+        ``hosts[].time_wait`` records how many there were and how many were left."""
+        q = shlex.quote
+        script = f"{q(python)} -c {q(TIME_WAIT_SCRIPT)}"
+        before = int((await conn.run(script, timeout_s=60)).stdout.strip().splitlines()[-1])
+        left = before
+        if before > SETTLE_TIME_WAIT:
+            self.progress.stage(
+                f"{name}: {before} TIME_WAIT sockets left by an earlier run; waiting up to "
+                f"{SETTLE_TIMEOUT_S:g} s for them to expire (they slow connect() and every "
+                "socket lookup, and the figures with them)"
+            )
+            out = await conn.run(
+                f"{script} {SETTLE_TIME_WAIT} {SETTLE_TIMEOUT_S}", timeout_s=SETTLE_TIMEOUT_S + 60
+            )
+            left = int(out.stdout.strip().splitlines()[-1])
+            if left > SETTLE_TIME_WAIT:
+                self._note(f"{name}: {left} TIME_WAIT sockets still there; starting anyway")
+        self.hosts[name]["time_wait"] = {"found": before, "at_start": left}
 
     async def _make_rundir(self, name: str, conn: HostConnection) -> None:
         self.rundirs[name] = await conn.resolve_dir(

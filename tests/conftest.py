@@ -21,6 +21,9 @@ TOOLS: dict[str, tuple[str, ...]] = {
     "chromium": ("chromium", "chromium-browser", "/usr/bin/chromium"),
     "curl": ("curl", "/usr/bin/curl"),
     "ip": ("ip", "/usr/sbin/ip", "/sbin/ip"),
+    # nginx with the nchan module: the C comparator of bench_comet --server nchan
+    "nchan": ("/usr/lib/nginx/modules/ngx_nchan_module.so",),
+    "nginx": ("nginx", "/usr/sbin/nginx"),
 }
 
 

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
+from tests.conftest import require
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_comet.py"
 
 
@@ -31,7 +35,9 @@ def test_bench_comet_prints_its_figures() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert any(line.startswith("accept+upgrade, 1 worker: 60 connections") for line in lines)
+    assert any(
+        line.startswith("lab.comet accept+upgrade, 1 worker: 60 connections") for line in lines
+    )
     assert any("KiB summed worker USS per connection" in line for line in lines)
     figures = json.loads(lines[-1])
     assert figures["kind"] == "bench_comet"
@@ -40,3 +46,43 @@ def test_bench_comet_prints_its_figures() -> None:
         assert figures[key] > 0
     assert figures["accept_cpu_us_per_conn"] >= 0  # CPU time ticks are 10 ms
     assert isinstance(figures["uss_per_conn_bytes"], float)  # may be ~0 at this size
+
+
+def bench(*args: str) -> tuple[list[str], dict[str, object]]:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--accept-repeats", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_bench_comet_measures_nginx_nchan_the_same_way() -> None:
+    require("nginx", "bench_comet --server nchan")
+    require("nchan", "bench_comet --server nchan (libnginx-mod-nchan)")
+    lines, figures = bench(
+        "--server", "nchan", "-n", "60", "-w", "2", "--accept-connections", "60",
+        "--rounds", "2", "--client-mode", "after",
+    )  # fmt: skip
+    assert any(
+        line.startswith("nginx + nchan accept+upgrade, 1 worker: 60 connections") for line in lines
+    )
+    assert figures["server"] == "nginx + nchan"
+    assert figures["connections"] == 60 and figures["broadcast_delivered_min"] == 60
+    assert figures["online_seen"] == 60  # from nchan's own status page
+    nginx_left = [p.pid for p in psutil.process_iter(["cmdline"]) if "bench-nchan-" in " ".join(
+        p.info["cmdline"] or [])]  # fmt: skip
+    assert nginx_left == []
+
+
+def test_bench_comet_floor_server_is_accept_only() -> None:
+    lines, figures = bench("--server", "bare", "-n", "0", "--accept-connections", "60")
+    assert any(
+        line.startswith("bare uvloop (floor) accept+upgrade, 1 worker: 60 connections")
+        for line in lines
+    )
+    assert figures["accept_connections"] == 60 and figures["accept_failed"] == 0
+    assert not any("broadcast" in line for line in lines)  # -n 0: the accept test only

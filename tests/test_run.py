@@ -173,6 +173,44 @@ def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads((given / "run.json").read_text())["run_id"] == record["run_id"]
 
 
+def make_time_wait(n: int) -> None:
+    """Leave ``n`` loopback connections in TIME_WAIT (each closed by its client first)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(n)
+        for _ in range(n):
+            client = socket.create_connection(listener.getsockname())
+            server, _ = listener.accept()
+            client.close()
+            assert server.recv(1) == b""  # the client's FIN is in
+            server.close()
+
+
+def test_a_run_first_waits_for_an_earlier_runs_time_wait_sockets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lab.engine
+    from lab.limits import time_wait_sockets
+
+    make_time_wait(60)
+    limit = time_wait_sockets() - 30  # lower than what the host has now, whatever else ran
+    monkeypatch.setattr(lab.engine, "SETTLE_TIME_WAIT", limit)
+    monkeypatch.setattr(lab.engine, "SETTLE_TIMEOUT_S", 1.0)  # they last 60 s: do not wait it out
+    t0 = time.monotonic()
+    folder = run_or_load(TINY, results_dir=tmp_path / "run")
+    record = json.loads((folder / "run.json").read_text())
+    progress = capsys.readouterr().out
+    assert record["outcome"] == "completed", record["reason"]
+    tw = record["hosts"][0]["time_wait"]
+    assert tw["found"] > limit
+    assert f"{tw['found']} TIME_WAIT sockets left by an earlier run" in progress
+    still = [n for n in record.get("notes", []) if "TIME_WAIT sockets still there" in n]
+    assert bool(still) == (tw["at_start"] > limit)
+    assert time.monotonic() - t0 < 60  # the wait is bounded
+
+
 def test_several_phases_go_to_the_agent_as_a_plan_file(tmp_path: Path) -> None:
     # two ramps with holds between them do not fit the agent's flags: the plan writes a --plan
     # file, the engine puts it into the host's run dir before the agent starts
