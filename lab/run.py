@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m lab.run",
         description="Run an experiment end to end over SSH and write results/<run-id>/; "
-        "the last line printed is the folder's path.",
+        "the last line printed is the folder's path. A host still holding an earlier run's "
+        "TIME_WAIT sockets (over 5,000) is given up to 70 s for them to expire first.",
     )
     parser.add_argument("experiment", help="experiment file, e.g. experiments/smoke.yaml")
     parser.add_argument(
