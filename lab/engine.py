@@ -52,14 +52,7 @@ FINISH_SLACK_S = 30.0  # past start delay + max_duration_s before agents count a
 # (measured: 64,000 left by one c64k run). SETTLE_TIMEOUT_S bounds the wait.
 SETTLE_TIME_WAIT = MAX_TIME_WAIT  # lab doctor warns above the same count
 SETTLE_TIMEOUT_S = 70.0
-# run on a host: its TIME_WAIT sockets (last line); with "LIMIT TIMEOUT_S", after waiting
-TIME_WAIT_SCRIPT = (
-    "import json, sys\n"
-    "from lab.limits import settle_time_wait, time_wait_sockets\n"
-    "if len(sys.argv) > 2:\n"
-    "    settle_time_wait(int(sys.argv[1]), float(sys.argv[2]))\n"
-    "print(json.dumps(time_wait_sockets()))\n"
-)
+SETTLE_POLL_S = 2.0
 
 
 class Outcome(enum.Enum):
@@ -296,25 +289,29 @@ class Engine:
         lim = await conn.run(f"{q(dep.python)} -c {q(LIMITS_SCRIPT)}", timeout_s=60)
         info["_limits"] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
         info["limits"] = dataclasses.asdict(info["_limits"])
-        await self._settle_time_wait(name, conn, dep.python)
+        await self._settle_time_wait(name, conn)
 
-    async def _settle_time_wait(self, name: str, conn: HostConnection, python: str) -> None:
+    async def _settle_time_wait(self, name: str, conn: HostConnection) -> None:
         """Wait (bounded) for an earlier run's TIME_WAIT sockets on the host to expire;
-        ``hosts[].time_wait`` records how many there were and how many were left."""
-        q = shlex.quote
-        script = f"{q(python)} -c {q(TIME_WAIT_SCRIPT)}"
-        before = int((await conn.run(script, timeout_s=60)).stdout.strip().splitlines()[-1])
-        left = before
+        ``hosts[].time_wait`` records how many there were and how many were left. The count
+        is read from the controller every SETTLE_POLL_S: nothing waits on the host."""
+        from lab.monitor import parse_sockstat
+
+        async def time_wait() -> int:
+            out = await conn.run("cat /proc/net/sockstat", timeout_s=30)
+            return parse_sockstat(out.stdout)["tcp_tw"]
+
+        before = left = await time_wait()
         if before > SETTLE_TIME_WAIT:
             self.progress.stage(
                 f"{name}: {before} TIME_WAIT sockets left by an earlier run; waiting up to "
                 f"{SETTLE_TIMEOUT_S:g} s for them to expire (they slow connect() and every "
                 "socket lookup, and the figures with them)"
             )
-            out = await conn.run(
-                f"{script} {SETTLE_TIME_WAIT} {SETTLE_TIMEOUT_S}", timeout_s=SETTLE_TIMEOUT_S + 60
-            )
-            left = int(out.stdout.strip().splitlines()[-1])
+            deadline = time.monotonic() + SETTLE_TIMEOUT_S
+            while left > SETTLE_TIME_WAIT and time.monotonic() < deadline:
+                await asyncio.sleep(min(SETTLE_POLL_S, max(0.0, deadline - time.monotonic())))
+                left = await time_wait()
             if left > SETTLE_TIME_WAIT:
                 self._note(f"{name}: {left} TIME_WAIT sockets still there; starting anyway")
         self.hosts[name]["time_wait"] = {"found": before, "at_start": left}
