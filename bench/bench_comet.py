@@ -323,8 +323,9 @@ class LabServer:
         (refreshed about once a second) is about that message."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            workers = get_json(f"{self.proc.url}/stats")["workers"]
-            if all(int(w.get("fanout_id", 0)) >= message_id for w in workers):
+            # the workers holding subscribers (SO_REUSEPORT may leave one without any)
+            workers = [w for w in get_json(f"{self.proc.url}/stats")["workers"] if w["online"]]
+            if workers and all(int(w.get("fanout_id", 0)) >= message_id for w in workers):
                 return max(float(w["fanout_ms"]) for w in workers)
             time.sleep(0.1)
         return math.nan
