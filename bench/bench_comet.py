@@ -8,21 +8,24 @@
     process then got the CPU to read it;
   * read: until all N client processes have read it (includes the clients' own CPU time);
   * the server's own fan-out: the slowest worker's time to write the message to all its
-    subscribers (``fanout_ms`` in /stats);
-- accept: accept + upgrade rate in one worker and the server CPU per new connection.
+    subscribers (``fanout_ms`` in /stats, for the message its ``fanout_id`` names);
+- accept: accept + upgrade rate in one worker and the server CPU per new connection, median
+  of ``--accept-repeats`` runs (every run printed).
 
 The client side is a bare-epoll WebSocket client in this file (a fixed upgrade request, then
 it only notes when data arrives), sharded over processes below the open-file limit, and over
 several 127.x source addresses when one would run short of fast ports. Server and clients
-share this host's cores: ``--client-nice 19`` lets the server run first, as if the clients
-were on other hosts (then "arrival" is the server's figure, "read" the clients').
+share this host's cores: ``--client-mode after`` keeps the clients asleep through a
+broadcast (they read afterwards), ``--client-nice 19`` lets the server run first; either way
+"arrival" is then the server's figure, as if the clients were on other hosts.
 
-    .venv/bin/python bench/bench_comet.py --connections 15000 --workers 2 --client-nice 19
-    .venv/bin/python bench/bench_comet.py --connections 64000 --workers 4 --client-nice 19
+    .venv/bin/python bench/bench_comet.py --connections 15000 --workers 2 --client-mode after
+    .venv/bin/python bench/bench_comet.py -n 64000 -w 4 --client-mode after --rounds 10
 
 ``--server nchan`` measures nginx + nchan (the C comparator of ../shared/DESIGN.md, from
 ``apt-get install nginx libnginx-mod-nchan``) with the same clients, in the same way, on the
-same box: what this machine allows a C server, beside what lab.comet gets.
+same box: what this machine allows a C server, beside what lab.comet gets. ``--server bare
+--connections 0`` measures the accept floor of any Python server on uvloop here.
 """
 
 from __future__ import annotations
