@@ -9,10 +9,13 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,24 +101,50 @@ def _collect(event: dict, report: PageReport) -> None:
 
 
 async def _load(chromium: str, html: Path, settle_s: float, timeout_s: float) -> PageReport:
-    with tempfile.TemporaryDirectory(prefix="lab-chromium-") as profile:
+    # ignore_cleanup_errors: a last resort; the whole browser is gone before the cleanup
+    with tempfile.TemporaryDirectory(prefix="lab-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [chromium, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its renderer, GPU and utility processes: one group
         )
         try:
             url = await asyncio.wait_for(asyncio.to_thread(_devtools_url, proc), 30)
             async with websockets.connect(url, max_size=None) as ws:
                 return await _drive(_Cdp(ws), html, settle_s, timeout_s)
         finally:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
+    """Stop chromium and every process it started (they write into the profile directory
+    until they exit): SIGTERM to the group, SIGKILL to what is left, then wait until the
+    group is empty."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, whoever reaps them, do not)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 def _drain(stream: Any) -> None:
