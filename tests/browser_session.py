@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import websockets
-from browser import FLAGS, PageReport, _Cdp, _collect, _devtools_url
+from browser import FLAGS, PageReport, _Cdp, _collect, _devtools_url, _stop_group
 
 T = TypeVar("T")
 
@@ -34,7 +34,9 @@ class BrowserSession:
         self.chromium = chromium
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.profile = tempfile.TemporaryDirectory(prefix="lab-chromium-")
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="lab-chromium-", ignore_cleanup_errors=True
+        )
         self.report = PageReport()
         self.proc: subprocess.Popen[str] | None = None
         self.cdp: _Cdp | None = None
@@ -53,6 +55,7 @@ class BrowserSession:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its renderer, GPU and utility processes: one group
         )
         proc = self.proc
         url = self._run(asyncio.wait_for(asyncio.to_thread(_devtools_url, proc), 30))
@@ -127,12 +130,7 @@ class BrowserSession:
         with contextlib.suppress(Exception):
             self._run(shut(), 10)
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            _stop_group(self.proc)  # every chromium process, before its profile goes
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.profile.cleanup()
