@@ -48,6 +48,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from multiprocessing.connection import Connection
@@ -58,6 +59,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
+from lab.agent.transport import ANC_BYTES, SO_TIMESTAMPNS
 from lab.comet.launch import ServerProcess
 from lab.limits import (
     fast_ports_per_pair,
@@ -67,11 +70,6 @@ from lab.limits import (
 )
 
 PER_CLIENT_PROC = 12_000
-IP_BIND_ADDRESS_NO_PORT = 24
-
-
-SO_TIMESTAMPNS = 35  # Linux: the kernel's receive time of each read, as ancillary data
-ANC_BYTES = socket.CMSG_SPACE(16)
 CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
 
 
@@ -441,42 +439,11 @@ class NchanServer:
         return math.nan
 
 
-BARE_SERVER = r"""
-import asyncio, gc, socket, sys
-import uvloop
-from lab.limits import raise_nofile_soft_limit
-
-# the one Sec-WebSocket-Accept for the bench clients' fixed Sec-WebSocket-Key
-ANSWER = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-          b"Connection: Upgrade\r\n"
-          b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
-
-class Bare(asyncio.Protocol):
-    __slots__ = ("transport",)
-    def connection_made(self, transport):
-        self.transport = transport
-    def data_received(self, data):
-        self.transport.write(ANSWER)
-
-async def main():
-    raise_nofile_soft_limit()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    await asyncio.get_running_loop().create_server(Bare, sock=sock, backlog=4096)
-    gc.collect()
-    gc.freeze()
-    print(sock.getsockname()[1], flush=True)
-    await asyncio.Event().wait()
-
-uvloop.run(main())
-"""
-
-
 class BareServer:
-    """The floor: the least a Python server on uvloop does per WebSocket upgrade (one protocol
-    object, the fixed answer to the bench clients' fixed key, no parsing, no state). One
-    process, whatever ``workers`` says; for the accept test."""
+    """The floor: the least a Python server on uvloop does per WebSocket upgrade, i.e.
+    bench_agent's minimal independent server (``bench_agent.py --serve``: httptools, the
+    ``Sec-WebSocket-Accept``, the 101, no channels, no other state). One process, whatever
+    ``workers`` says; for the accept test."""
 
     name = "bare uvloop (floor)"
     ws_path = "/ws?channel=bench"
@@ -488,19 +455,20 @@ class BareServer:
 
     def __enter__(self) -> BareServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", BARE_SERVER],
+            [sys.executable, str(Path(__file__).with_name("bench_agent.py")), "--serve", "0"],
             stdout=subprocess.PIPE,
             text=True,
-            cwd=Path(__file__).resolve().parents[1],
         )
         assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
+        self.port = int(json.loads(self.proc.stdout.readline())["ready"])
+        # its per-second lines are not needed: drained so that it never blocks on the pipe
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            self.proc.wait(30)
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
@@ -762,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         default="lab",
         help="the server measured: lab (lab.comet); nchan (nginx + nchan, the C comparator "
         "of the design notes, from apt-get install nginx libnginx-mod-nchan), measured by the "
-        "same clients in the same way; bare (the floor of a Python server on uvloop: a fixed "
-        "answer to every upgrade; accept test only, with --connections 0) (default lab)",
+        "same clients in the same way; bare (the floor of a Python server on uvloop: "
+        "bench_agent's minimal server; accept test only, with --connections 0) (default lab)",
     )
     p.add_argument("--rounds", type=int, default=5, help="broadcast rounds (default 5)")
     p.add_argument(

@@ -34,6 +34,7 @@ from lab.launch import (
     mask_secrets,
     role_command,
 )
+from lab.limits import TIME_WAIT_SETTLE_S
 
 if TYPE_CHECKING:
     from lab.deploy import Deployment
@@ -51,7 +52,7 @@ FINISH_SLACK_S = 30.0  # past start delay + max_duration_s before agents count a
 # make connect() and every lookup of an established socket slower, and the figures with them
 # (measured: 64,000 left by one c64k run). SETTLE_TIMEOUT_S bounds the wait.
 SETTLE_TIME_WAIT = MAX_TIME_WAIT  # lab doctor warns above the same count
-SETTLE_TIMEOUT_S = 70.0
+SETTLE_TIMEOUT_S = TIME_WAIT_SETTLE_S
 SETTLE_POLL_S = 2.0
 
 

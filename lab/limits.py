@@ -120,7 +120,10 @@ def time_wait_sockets() -> int:
     return parse_sockstat(SOCKSTAT_FILE.read_text())["tcp_tw"]
 
 
-def settle_time_wait(limit: int = 2000, timeout_s: float = 70.0) -> None:
+TIME_WAIT_SETTLE_S = 70.0  # the longest wait for TIME_WAIT sockets to go (they last 60 s)
+
+
+def settle_time_wait(limit: int = 2000, timeout_s: float = TIME_WAIT_SETTLE_S) -> None:
     """Wait (up to the 60 s TIME_WAIT lifetime) until earlier runs' TIME_WAIT sockets are gone:
     tens of thousands of them make connect() and every lookup of an established socket
     slower, and the figures with them."""

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -15,31 +16,22 @@ from tests.conftest import require
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_comet.py"
 
 
-def test_bench_comet_prints_its_figures() -> None:
+def bench(*args: str) -> tuple[list[str], dict[str, Any]]:
+    """Run bench_comet with ``args``; its stdout lines and its closing JSON figures."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "-n",
-            "60",
-            "-w",
-            "2",
-            "--accept-connections",
-            "60",
-            "--rounds",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_bench_comet_prints_its_figures() -> None:
+    lines, figures = bench("-n", "60", "-w", "2", "--accept-connections", "60", "--rounds", "2")
     assert any(
         line.startswith("lab.comet accept+upgrade, 1 worker: 60 connections") for line in lines
     )
     assert any("KiB summed worker USS per connection" in line for line in lines)
-    figures = json.loads(lines[-1])
     assert figures["kind"] == "bench_comet"
     assert figures["connections"] == 60 and figures["broadcast_delivered_min"] == 60
     for key in ("accept_rate_per_s", "broadcast_all_ms", "fanout_ms"):  # NaN fails too
@@ -48,24 +40,12 @@ def test_bench_comet_prints_its_figures() -> None:
     assert isinstance(figures["uss_per_conn_bytes"], float)  # may be ~0 at this size
 
 
-def bench(*args: str) -> tuple[list[str], dict[str, object]]:
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--accept-repeats", "1", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    return lines, json.loads(lines[-1])
-
-
 def test_bench_comet_measures_nginx_nchan_the_same_way() -> None:
     require("nginx", "bench_comet --server nchan")
     require("nchan", "bench_comet --server nchan (libnginx-mod-nchan)")
     lines, figures = bench(
-        "--server", "nchan", "-n", "60", "-w", "2", "--accept-connections", "60",
-        "--rounds", "2", "--client-mode", "after",
+        "--accept-repeats", "1", "--server", "nchan", "-n", "60", "-w", "2",
+        "--accept-connections", "60", "--rounds", "2", "--client-mode", "after",
     )  # fmt: skip
     assert any(
         line.startswith("nginx + nchan accept+upgrade, 1 worker: 60 connections") for line in lines
@@ -73,13 +53,17 @@ def test_bench_comet_measures_nginx_nchan_the_same_way() -> None:
     assert figures["server"] == "nginx + nchan"
     assert figures["connections"] == 60 and figures["broadcast_delivered_min"] == 60
     assert figures["online_seen"] == 60  # from nchan's own status page
-    nginx_left = [p.pid for p in psutil.process_iter(["cmdline"]) if "bench-nchan-" in " ".join(
-        p.info["cmdline"] or [])]  # fmt: skip
+    nginx_left = [
+        p.pid for p in psutil.process_iter(["cmdline"]) if "bench-nchan-" in " ".join(
+            p.info["cmdline"] or [])
+    ]  # fmt: skip
     assert nginx_left == []
 
 
 def test_bench_comet_floor_server_is_accept_only() -> None:
-    lines, figures = bench("--server", "bare", "-n", "0", "--accept-connections", "60")
+    lines, figures = bench(
+        "--accept-repeats", "1", "--server", "bare", "-n", "0", "--accept-connections", "60"
+    )
     assert any(
         line.startswith("bare uvloop (floor) accept+upgrade, 1 worker: 60 connections")
         for line in lines
