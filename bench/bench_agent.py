@@ -14,8 +14,9 @@ upgrades per second and prints them as JSON lines), then runs ``python -m lab.ag
    separately. On loopback the sys part includes much of the server's TCP work (the
    handshake and the request's receive run in the connecting process's syscalls), so it is
    compared with a bare uvloop client measured the same way on the same server (the floor).
-2. One load process, 8,000/s for 2 s: connections per second sustained (>= 8,000); then the
-   same at 10,000/s (printed, not checked).
+2. One load process asked for 8,400/s (5% over the target), 16,000 connections: connections
+   completed per second, first to last, must be >= 8,000; then the same at 10,000/s
+   (printed, not checked).
 
 Server and agent run on separate cores (``taskset``: server CPU 1, agent and floor client
 CPU 0), as on two hosts, so that neither preempts the other at every connect(); ``--no-pin``
@@ -486,13 +487,16 @@ def bench(quick: bool) -> int:
             f"{[round(_p99(x), 1) for x in lines if x['connect_hist']['buckets']]} ms)"
         )
 
-        rate2, conns2 = (2000, 2000) if quick else (8000, 16000)
+        # asked for 5% more than the target, so that the target is not at the edge of what is
+        # asked: the check is the rate achieved, not the rate asked
+        target2, conns2 = (2000, 2000) if quick else (8000, 16000)
+        rate2 = int(target2 * 1.05)
         fig = sustained(rate2, conns2, tmp)
         results.append(
             check(
-                f"one load process >= {rate2} new WS connections/s",
-                fig["achieved"] >= rate2 * 0.98 and fig["connected"] == conns2,
-                fig["text"],
+                f"one load process >= {target2} new WS connections/s",
+                fig["achieved"] >= target2 and fig["connected"] == conns2,
+                f"asked for {rate2}/s: {fig['text']}",
             )
         )
         rate3 = 3000 if quick else 10000
@@ -504,16 +508,17 @@ def bench(quick: bool) -> int:
 
 def sustained(rate: int, conns: int, tmp: Path) -> dict:
     """One load process opening ``conns`` at ``rate`` against a fresh minimal server: the
-    rate achieved (connections / time from the first scheduled start to the last connected)
-    and a line of figures."""
+    rate achieved (connections completed per second, from the first completed upgrade to the
+    last: (n - 1) / span, so that neither end's connect latency counts) and a line of
+    figures."""
     srv = Server()
     res = run_agent(srv.port, rate, conns, 1.0, tmp, sample_at_hold=False)
     s = srv.stop()
     r = res["records"]
     start = min(r["scheduled"])
     conn_times = sorted(t for t in r["connected"] if t == t)
-    span = (conn_times[-1] - start) if conn_times else float("inf")
-    achieved = len(conn_times) / span if span > 0 else 0.0
+    span = (conn_times[-1] - conn_times[0]) if len(conn_times) > 1 else float("inf")
+    achieved = (len(conn_times) - 1) / span if span > 0 else 0.0
     per_sec = whole_seconds(r["connected"], start, conns / rate)
     srv_full = [
         s["upgrades"].get(str(sec), 0) for sec in range(int(start) + 1, int(start + conns / rate))
@@ -521,7 +526,7 @@ def sustained(rate: int, conns: int, tmp: Path) -> dict:
     user, system = cpu_per_conn(res, conns)
     vcsw, _ = switches_per_conn(res, conns)
     text = (
-        f"{achieved:.0f}/s ({len(conn_times)}/{conns} connected by {span:.2f}s; "
+        f"{achieved:.0f}/s ({len(conn_times)}/{conns} connected in {span:.2f}s, first to last; "
         f"agent per second {per_sec}, server {srv_full}; max lag "
         f"{max(x['lag_ms'] for x in res['lines']):.1f} ms; CPU per connection "
         f"user {user:.0f} µs + sys {system:.0f} µs; {vcsw:.2f} wake-ups per connection)"

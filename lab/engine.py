@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab.doctor import MAX_TIME_WAIT
+from lab.doctor import MAX_TIME_WAIT, Finding, Level, check_host
 from lab.launch import (
     HEALTH_SCRIPT,
     LIMITS_SCRIPT,
@@ -34,7 +34,7 @@ from lab.launch import (
     mask_secrets,
     role_command,
 )
-from lab.limits import TIME_WAIT_SETTLE_S
+from lab.limits import TIME_WAIT_SETTLE_S, HostLimits
 
 if TYPE_CHECKING:
     from lab.deploy import Deployment
@@ -99,6 +99,7 @@ class Engine:
         self.deployments: dict[str, Deployment] = {}
         self.rundirs: dict[str, str] = {}
         self.offsets: dict[str, float] = {}
+        self.limits: dict[str, HostLimits] = {}
         self.hosts: dict[str, dict[str, Any]] = {h.name: {"name": h.name} for h in exp.hosts}
         self.roles: list[RoleProcess] = []
         self.plan: Plan | None = None
@@ -189,8 +190,7 @@ class Engine:
         await self._connect_all()
         self.progress.stage(f"deploying to {len(self.conns)} host(s)")
         await self._each(self._prepare_host, self.conns)
-        limits = {name: info.pop("_limits") for name, info in self.hosts.items()}
-        self.plan = plan = make_plan(self.exp, limits)
+        self.plan = plan = make_plan(self.exp, self.limits)
         self.record["plan"] = [
             {
                 "host": x.host,
@@ -266,7 +266,6 @@ class Engine:
 
     async def _prepare_host(self, name: str, conn: HostConnection) -> None:
         from lab.deploy import deploy
-        from lab.limits import HostLimits
         from lab.ssh import measure_clock_offset
 
         dep = await deploy(conn)
@@ -288,9 +287,30 @@ class Engine:
         self.offsets[name] = info["clock_offset_s"] = clock.offset_s
         info["clock_rtt_s"] = clock.rtt_s
         lim = await conn.run(f"{q(dep.python)} -c {q(LIMITS_SCRIPT)}", timeout_s=60)
-        info["_limits"] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
-        info["limits"] = dataclasses.asdict(info["_limits"])
+        limits = self.limits[name] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
+        info["limits"] = dataclasses.asdict(limits)
+        self._check_host(name, {**info["metadata"], "clock_offset_s": clock.offset_s})
         await self._settle_time_wait(name, conn)
+
+    def _check_host(self, name: str, facts: Mapping[str, Any]) -> None:
+        """``lab doctor``'s host checks, on the facts just read: every finding goes into
+        ``hosts[].checks``; a warning becomes a note (TIME_WAIT excepted: the run waits for
+        those); a failure stops the run before anything starts, naming the check and the fix."""
+        if facts.get("error"):
+            self._note(f"{name}: host facts unreadable, checks skipped: {facts['error']}")
+            return
+        findings = check_host(facts, host=name)
+        self.hosts[name]["checks"] = [
+            {k: getattr(f, k) for k in ("check", "value", "message", "fix")}
+            | {"level": f.level.value}
+            for f in findings
+        ]
+        for f in findings:
+            if f.level is Level.WARN and f.check != "TIME_WAIT sockets":
+                self._note(f"{name}: check {_finding_text(f)}")
+        failed = [_finding_text(f) for f in findings if f.level is Level.FAIL]
+        if failed:
+            raise RunFailed(f"{name}: host check failed: " + "; ".join(failed))
 
     async def _settle_time_wait(self, name: str, conn: HostConnection) -> None:
         """Wait (bounded) for an earlier run's TIME_WAIT sockets on the host to expire;
@@ -610,6 +630,13 @@ class Engine:
             )
         except Exception as exc:
             self._note(f"summary: {describe(exc)}")
+
+
+def _finding_text(f: Finding) -> str:
+    text = f"{f.check} {f.value}"
+    if f.message:
+        text += f": {f.message}"
+    return text + (f" (fix: {f.fix})" if f.fix else "")
 
 
 def describe(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+from lab.agent.capacity import RATE_PER_PROCESS
 from lab.experiment import (
     Experiment,
     HostSpec,
@@ -51,8 +52,6 @@ MONITOR_GRACE_S = 60.0
 # Headroom per server worker for SO_REUSEPORT's uneven (hash) spreading: measured here, 64,000
 # connections over 4 workers land within ±1% of 16,000 each (15,896-16,101).
 SERVER_IMBALANCE = 1.1
-# New connections per second one agent process sustains comfortably (lab.agent.capacity).
-AGENT_RATE_PER_PROCESS = 6000.0
 
 
 class CapacityError(ValueError):
@@ -263,7 +262,7 @@ def agent_shares(exp: Experiment, limits: Mapping[str, HostLimits]) -> tuple[Age
         lim = _limits_for(limits, host)
         needed = processes_for(n, lim)
         rate = ramp_rate * n / max(1, exp.peak_connections)
-        procs = exp.agents.procs or max(needed, math.ceil(rate / AGENT_RATE_PER_PROCESS))
+        procs = exp.agents.procs or max(needed, math.ceil(rate / RATE_PER_PROCESS))
         if procs < needed:
             raise CapacityError(
                 host,

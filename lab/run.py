@@ -188,10 +188,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(f"outcome: {record.get('outcome')}{reason}", file=sys.stderr)
     for t in record.get("thresholds") or []:
         verdict = "pass" if t.get("passed") else "FAIL"
-        print(
-            f"  {verdict}: {t['name']} {t['op']} {t['value']} (actual {t.get('actual')})",
-            file=sys.stderr,
-        )
+        actual = t.get("actual")
+        got = "not measured: no data" if actual is None else f"actual {actual}"
+        print(f"  {verdict}: {t['name']} {t['op']} {t['value']} ({got})", file=sys.stderr)
     if not args.no_report:
         try:
             from lab.publish import publish_run

@@ -109,8 +109,9 @@ def _agent_total(agent: pd.DataFrame, column: str) -> pd.Series:
     return wide.sort_index().ffill().fillna(0).sum(axis=1)
 
 
-def peak_connections(tables: Tables) -> int:
-    """The most connections open at once (records; else the agents' summed ``open``)."""
+def peak_connections(tables: Tables) -> int | None:
+    """The most connections open at once (records; else the agents' summed ``open``); None
+    when no agent reported anything."""
     conns = tables.connections
     if len(conns) and conns["connected"].notna().any():
         connected = conns[conns["connected"].notna()]
@@ -121,7 +122,7 @@ def peak_connections(tables: Tables) -> int:
         order = np.lexsort((steps, times))  # a close before an open at the same instant
         return int(max(0.0, np.cumsum(steps[order]).max()))
     total = _agent_total(tables.agent, "open")
-    return int(total.max()) if len(total) else 0
+    return int(total.max()) if len(total) else None
 
 
 # ---------------------------------------------------------------- the ramp
@@ -484,10 +485,12 @@ def _quantiles(values: pd.Series) -> tuple[float | None, float | None, float | N
     return float(p50), float(p99), float(clean.max())
 
 
-def _last_per_agent(agent: pd.DataFrame, column: str) -> float:
-    if agent.empty or agent[column].isna().all():
-        return 0.0
-    return float(agent.sort_values("t").groupby("agent")[column].last().sum())
+def _last_per_agent(agent: pd.DataFrame, column: str) -> int | None:
+    """The agents' last value of a counter, summed over agents; None when none reported it
+    (a run with no agent data measured nothing: it must not read as zero errors)."""
+    if agent.empty or column not in agent or agent[column].isna().all():
+        return None
+    return int(agent.sort_values("t").groupby("agent")[column].last().fillna(0).sum())
 
 
 def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -508,9 +511,10 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
         summary["planned_connections"] = len(conns)
     else:
         failed = [c for c in tables.agent.columns if c.startswith("failed_")]
-        summary["connect_errors"] = int(sum(_last_per_agent(tables.agent, c) for c in failed))
+        counts = [n for c in failed if (n := _last_per_agent(tables.agent, c)) is not None]
+        summary["connect_errors"] = sum(counts) if len(tables.agent) else None
         summary["connections_pending"] = None  # only the per-connection records tell
-        summary["planned_connections"] = int(_last_per_agent(tables.agent, "planned"))
+        summary["planned_connections"] = _last_per_agent(tables.agent, "planned")
 
     rates = rate_frame(tables)
     ramp = ramp_of(tables)
@@ -528,12 +532,12 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
         summary["ramp_rate_planned_per_s"] = None
         summary["ramp_s"] = None
     summary["ramp_rate_min_per_s"] = float(whole["achieved"].min()) if len(whole) else None
-    summary["ramp_whole_seconds"] = len(whole)
+    summary["ramp_whole_seconds"] = len(whole) if len(rates) else None
     summary["schedule_lag_ms_max"] = (
         float(rates["lag_ms_max"].max()) if len(rates) and rates["lag_ms_max"].notna().any()
         else None
     )  # fmt: skip
-    summary["hold_s"] = _hold_seconds(tables, summary["peak_connections"])
+    summary["hold_s"] = _hold_seconds(tables, summary["peak_connections"] or 0)
 
     memory = memory_frame(tables)
     fits = memory_fits(tables, memory)
@@ -556,10 +560,10 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
     if p50 is None and "read_p50_ms" in tables.agent:
         p50, p99, top = _overall_from_seconds(delivery_frame(tables, "read"))
     summary.update(read_ms_p50=p50, read_ms_p99=p99, read_ms_max=top)
-    summary["messages_lost"] = int(_last_per_agent(tables.agent, "lost"))
-    summary["messages_received"] = int(_last_per_agent(tables.agent, "msgs_in"))
+    summary["messages_lost"] = _last_per_agent(tables.agent, "lost")
+    summary["messages_received"] = _last_per_agent(tables.agent, "msgs_in")
     sat = tables.agent["saturated"]
-    summary["agent_saturated"] = bool(sat.fillna(False).astype(bool).any()) if len(sat) else False
+    summary["agent_saturated"] = bool(sat.fillna(False).astype(bool).any()) if len(sat) else None
 
     summary.update(_cpu_summary(tables, ramp))
     summary["errors_by_reason"] = errors_by_reason(tables)

@@ -68,7 +68,9 @@ def test_several_problems_are_reported_together() -> None:
 
 def test_rate_warning() -> None:
     (w,) = check_capacity(Demand(1000, 20_000, 1, 1, 1), HOST)
-    assert "expect schedule lag" in w
+    assert w.startswith("rate: 20000 new connections/s per process")
+    assert "watch the schedule lag" in w and "--procs" in w
+    assert check_capacity(Demand(1000, 9000, 1, 1, 1), HOST) == []
 
 
 def test_auto_procs() -> None:

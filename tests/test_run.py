@@ -166,6 +166,8 @@ def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (folder / "logs" / "local-server.log").is_file()
     host = record["hosts"][0]
     assert host["metadata"]["python"] and "clock_offset_s" in host
+    checks = {c["check"]: c["level"] for c in host["checks"]}  # lab doctor's, made by the run
+    assert checks["python"] == checks["open files (nofile)"] == "ok", checks
     assert host["teardown"]["left"] == []
     assert run_processes(record["run_id"]) == {}
     # a folder that holds a run is loaded, not run again
@@ -209,6 +211,36 @@ def test_a_run_first_waits_for_an_earlier_runs_time_wait_sockets(
     still = [n for n in record.get("notes", []) if "TIME_WAIT sockets still there" in n]
     assert bool(still) == (tw["at_start"] > limit)
     assert time.monotonic() - t0 < 60  # the wait is bounded
+
+
+def test_a_host_that_fails_lab_doctors_checks_stops_the_run_before_any_load(
+    tmp_path: Path,
+) -> None:
+    # the run's host (this machine, through the embedded SSH server) gets an open-file hard
+    # limit below lab doctor's minimum: the run must stop at the check, name it and the fix,
+    # start nothing, and still leave its folder
+    import resource
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 2048))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lab.run", str(TINY), "--results", str(tmp_path / "results"),
+         "--no-report", "--progress", "text"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=low_nofile,
+    )  # fmt: skip
+    code, folder, err = finish(proc, 120)
+    assert code == 1
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "failed"
+    assert "host check failed: open files (nofile)" in record["reason"]
+    assert "fix: raise the hard limit" in record["reason"]
+    assert "open files (nofile)" in err
+    (check,) = [c for c in record["hosts"][0]["checks"] if c["level"] == "fail"]
+    assert check["check"] == "open files (nofile)" and "hard 2048" in check["value"]
+    assert "agents_start_at" not in record and not record.get("roles")
+    assert run_processes(record["run_id"]) == {}
 
 
 def test_several_phases_go_to_the_agent_as_a_plan_file(tmp_path: Path) -> None:

@@ -218,9 +218,21 @@ def test_empty_folder_summarizes_to_nothing_measured(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"outcome": "interrupted"}))
     t = stats.load_tables(tmp_path)
     s = stats.summarize(t, t.run)
-    assert s["peak_connections"] == 0
-    assert s["server_bytes_per_conn"] is None
-    assert s["ramp_rate_min_per_s"] is None
+    # nothing measured reads as unknown, never as zero errors or zero lost: a threshold on
+    # any of them then fails ("not measured") instead of passing on a run that did nothing
+    for key in (
+        "peak_connections",
+        "connect_errors",
+        "messages_lost",
+        "messages_received",
+        "agent_saturated",
+        "ramp_whole_seconds",
+        "server_bytes_per_conn",
+        "ramp_rate_min_per_s",
+    ):
+        assert s[key] is None, key
+    (verdict,) = stats.evaluate_thresholds(s, [{"name": "messages_lost", "op": "==", "value": 0}])
+    assert verdict["passed"] is False and verdict["actual"] is None
     json.dumps(s)
     for frame in (
         stats.rate_frame(t),
