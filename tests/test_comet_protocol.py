@@ -4,6 +4,7 @@ console figures and the command line: no sockets."""
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 import pytest
 from websockets.frames import Close, Frame, Opcode
@@ -23,10 +24,12 @@ from lab.comet.protocol import (
     Outgoing,
     Route,
     Sequencer,
+    Target,
     http_response,
     lp_body,
     parse_command,
     parse_target,
+    sse_cursor_event,
     ws_close_frame,
 )
 from lab.limits import HostLimits
@@ -74,9 +77,53 @@ def test_hub_subscriptions_and_catch_up() -> None:
     hub.unsubscribe("s2", "a")
     assert "a" not in hub.subscriptions
     assert hub.record(Message("a", 3, "z")) == []
-    assert [m.id for m in hub.catch_up(["a"], 1)] == [2, 3]
-    assert hub.catch_up(["a"], None) == []
+    assert [m.id for m in hub.catch_up(Target(Route.LP, ("a",), 1))] == [2, 3]
+    assert hub.catch_up(Target(Route.LP, ("a",), None)) == []
     assert hub.last_id("a") == 3 and hub.last_id("nope") == 0
+
+
+def test_catch_up_over_several_channels_starts_each_at_its_own_id() -> None:
+    hub: Hub[str] = Hub(history_limit=10)
+    for i in range(1, 6):
+        hub.record(Message("mx", i, f"x{i}"))
+    hub.record(Message("my", 1, "y1"))
+    hub.record(Message("my", 2, "y2"))
+    # the client saw mx up to 5 and my up to 1: it must get my 2, and nothing of mx again
+    t = parse_target(
+        "GET", "/lp?" + urlencode({"channel": ["mx", "my"], "since": '{"mx":5,"my":1}'}, doseq=True)
+    )
+    assert [(m.channel, m.id) for m in hub.catch_up(t)] == [("my", 2)]
+    # a channel left out of the object gets only what comes next
+    t = parse_target("GET", "/sse?channel=mx&channel=my", last_event_id='{"mx":3}')
+    assert [(m.channel, m.id) for m in hub.catch_up(t)] == [("mx", 4), ("mx", 5)]
+    # 0 is everything the history holds, on every channel
+    t = parse_target("GET", "/lp?channel=mx&channel=my&since=0")
+    assert len(hub.catch_up(t)) == 7
+
+
+def test_a_single_id_for_several_channels_is_refused_naming_the_fix() -> None:
+    with pytest.raises(HttpError) as info:
+        parse_target("GET", "/sse?channel=mx&channel=my", last_event_id="5")
+    assert info.value.status == 400 and "ids are per channel" in info.value.message
+    assert '{"mx": 5, "my": 0}' in info.value.message
+    for bad in ('{"mx": -1}', '{"mx": "5"}', "[5]", "{nope"):
+        with pytest.raises(HttpError) as info:
+            parse_target("GET", "/lp?" + urlencode({"channel": "mx", "since": bad}))
+        assert info.value.status == 400, bad
+
+
+def test_sse_event_ids_of_a_multi_channel_stream_are_its_position_on_each_channel() -> None:
+    cursor = {"mx": 5, "mé": 0}
+    event = sse_cursor_event(cursor, Outgoing(Message("mé", 1, "d")))
+    raw_head, raw_data = event.split(b"\n")[:2]
+    head, data = raw_head.decode("ascii"), raw_data.decode("utf-8")
+    assert cursor == {"mx": 5, "mé": 1}
+    # the id is ASCII JSON (a browser sends it back as Last-Event-ID, a latin-1 header)
+    assert json.loads(head.removeprefix("id: ")) == {"mx": 5, "mé": 1}
+    assert json.loads(data.removeprefix("data: "))["id"] == 1
+    # and it resumes a stream exactly there
+    t = parse_target("GET", "/sse?channel=mx&channel=m%C3%A9", last_event_id=head[4:])
+    assert (t.since_of("mx"), t.since_of("mé")) == (5, 1)
 
 
 def test_outgoing_encodes_envelope_once_for_each_transport() -> None:
@@ -139,6 +186,9 @@ def test_parse_target_routes() -> None:
     assert parse_target("GET", "/lp?channel=a").since is None
     assert parse_target("GET", "/sse?channel=a", last_event_id="9").since == 9
     assert parse_target("GET", "/sse?channel=a&lastEventId=3").since == 3
+    assert parse_target("GET", "/sse?channel=a&since=4").since == 4
+    assert parse_target("HEAD", "/healthz").route is Route.HEALTHZ
+    assert parse_target("HEAD", "/stats").route is Route.STATS
     t = parse_target("POST", "/pub/room%201")
     assert t.route is Route.PUB and t.channels == ("room 1",)
     assert parse_target("GET", "/stats").route is Route.STATS
@@ -160,12 +210,18 @@ def test_parse_target_routes() -> None:
         ("POST", "/pub/", 400),
         ("GET", "/sse", 400),
         ("GET", "/ws?channel=" + "x" * 300, 400),
+        ("GET", "/lp?channel=a&timeout=nan", 400),
+        ("POST", "/pub/a%FF", 400),  # not UTF-8 once decoded: never folded into U+FFFD
+        ("GET", "/lp?channel=a%FE", 400),
+        ("HEAD", "/lp?channel=a", 405),
     ],
 )
 def test_parse_target_errors(method: str, url: str, status: int) -> None:
     with pytest.raises(HttpError) as info:
         parse_target(method, url)
     assert info.value.status == status and info.value.message
+    if status == 405:  # RFC 9110: a 405 says what the path takes
+        assert dict(info.value.extra)["Allow"] in ("GET", "POST", "GET, HEAD")
 
 
 def test_http_response_framing() -> None:
@@ -174,6 +230,9 @@ def test_http_response_framing() -> None:
     assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 2" in head
     assert b"Connection: keep-alive" in head and body == b"{}"
     assert b"Content-Length" not in http_response(204)
+    # the answer to HEAD: the same head, no body
+    head_only = http_response(200, b"{}", keep_alive=True, head=True)
+    assert head_only == head + b"\r\n\r\n"
 
 
 def test_ipc_decoder_handles_split_and_joined_messages() -> None:

@@ -228,42 +228,52 @@ async def wait_for_stat(server: ServerProcess, cond: Any, timeout_s: float = 15.
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /stats HTTP/1.1 extra\r\n\r\n", 400),
         (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-        (b"GET /stats HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
-        (b"GET /stats HTTP/1.1\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n", 431),
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n", 431),
+        (b"GET /stats HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host (RFC 9112 §3.2)
+        (b"GET /stats\r\n\r\n", 400),  # an HTTP/0.9 request line
         (
-            b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer "
+            b"POST /pub/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + TOKEN.encode()
             + b"\r\nContent-Length: 5000\r\n\r\n"
             + b"x" * 5000,
             413,
         ),
         (
-            b"POST /pub/big HTTP/1.1\r\nAuthorization: Bearer "
+            b"POST /pub/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + TOKEN.encode()
             + b"\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n"
             + b"x" * 5000
             + b"\r\n0\r\n\r\n",
             413,
         ),
-        (b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer wrong\r\nContent-Length: 1\r\n\r\nx", 401),
-        (b"POST /pub/a HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 401),
         (
-            b"POST /pub/a HTTP/1.1\r\nAuthorization: Bearer "
+            b"POST /pub/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Length: 1\r\n\r\nx",
+            401,
+        ),
+        (b"POST /pub/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", 401),
+        (
+            b"POST /pub/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + TOKEN.encode()
             + b"\r\nContent-Length: 2\r\n\r\n\xff\xfe",
             400,
         ),
         (
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
             400,
         ),
         (
-            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             426,
         ),
-        (b"GET /lp?channel=a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 400),
+        (
+            b"GET /lp?channel=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+            400,
+        ),
     ],
 )
 def test_bad_http_input_gets_status_and_worker_keeps_serving(
@@ -274,6 +284,134 @@ def test_bad_http_input_gets_status_and_worker_keeps_serving(
     _, _, body = answer.partition(b"\r\n\r\n")
     assert json.loads(body)["error"]
     assert_still_serving(server)
+
+
+def test_head_answers_the_get_head_without_a_body(server: ServerProcess) -> None:
+    # a body after a HEAD answer would be read as the next answer: the GET behind it in the
+    # pipeline must get its own, intact
+    answer = raw_exchange(
+        server,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 12" in head
+    assert rest.startswith(b"HTTP/1.1 200 ")  # no body in between
+    assert rest.endswith(b'\r\n\r\n{"ok":true}\n')
+    # a route that does not take HEAD: 405, naming what it takes, still without a body
+    answer = raw_exchange(server, b"HEAD /lp?channel=a HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET" in head and body == b""
+    assert_still_serving(server)
+
+
+def test_the_bearer_scheme_is_case_insensitive(server: ServerProcess) -> None:
+    for scheme in (b"bearer", b"BEARER", b"Bearer "):
+        answer = raw_exchange(
+            server,
+            b"POST /pub/a HTTP/1.1\r\nHost: x\r\nAuthorization: " + scheme + b" "
+            + TOKEN.encode() + b"\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx",
+        )  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+def test_a_plain_get_on_ws_names_the_upgrade_it_needs(server: ServerProcess) -> None:
+    answer = raw_exchange(server, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 426 ") and b"\r\nUpgrade: websocket\r\n" in answer
+
+
+def test_a_long_poll_client_that_goes_away_is_dropped_at_once(server: ServerProcess) -> None:
+    import psutil
+
+    worker = psutil.Process(server.worker_pids[0])
+    socks = []
+    for _ in range(3):
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        sock.sendall(b"GET /lp?channel=gone&timeout=300 HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(sock)
+    ports = {sock.getsockname()[1] for sock in socks}
+
+    def held() -> list[str]:  # the worker's ends of these connections, by TCP state
+        return [
+            c.status for c in worker.net_connections("tcp") if c.raddr and c.raddr.port in ports
+        ]
+
+    deadline = time.monotonic() + 10
+    while len(held()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held() == ["ESTABLISHED"] * 3
+    for sock in socks:
+        sock.close()
+    # long before the poll's 300 s: the server reads on while it waits, sees the FIN and
+    # closes its end (it used to stop reading, and sat in CLOSE_WAIT until the timeout)
+    deadline = time.monotonic() + 5
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held() == []
+    assert_still_serving(server)
+
+
+def test_sse_over_several_channels_resumes_each_where_it_was(server: ServerProcess) -> None:
+    for i in range(3):
+        publish(server, "mx", f"x{i}")
+    publish(server, "my", "y0")
+
+    def stream(last_event_id: str | None) -> tuple[http.client.HTTPConnection, Any]:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        conn.request("GET", "/sse?channel=mx&channel=my", headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return conn, resp
+
+    def next_event(resp: Any) -> tuple[str, dict[str, Any]]:
+        fields: dict[str, str] = {}
+        while True:
+            line = resp.fp.readline().decode().rstrip("\n")
+            if not line:
+                if "data" in fields:
+                    return fields["id"], json.loads(fields["data"])
+                continue
+            key, _, value = line.partition(": ")
+            fields[key] = value
+
+    conn, resp = stream(None)
+    publish(server, "my", "y1")
+    event_id, env = next_event(resp)
+    assert (env["channel"], env["id"]) == ("my", 2)
+    assert json.loads(event_id) == {"mx": 3, "my": 2}  # where the stream is on each channel
+    conn.close()
+    publish(server, "mx", "x3")  # missed while away
+    publish(server, "my", "y2")
+    conn, resp = stream(event_id)  # as a reconnecting EventSource does
+    got = [(e["channel"], e["id"]) for _, e in (next_event(resp), next_event(resp))]
+    assert sorted(got) == [("mx", 4), ("my", 3)]
+    conn.close()
+
+
+def test_request_timeout_ends_slow_and_idle_http_connections() -> None:
+    with ServerProcess(workers=1, extra=["--request-timeout", "1", "--quiet"]) as s:
+        addr = (s.host, s.port)
+        slow = socket.create_connection(addr, timeout=10)
+        slow.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        idle = socket.create_connection(addr, timeout=10)  # sends nothing
+        lp = socket.create_connection(addr, timeout=10)  # a long-poll is not timed by it
+        lp.sendall(b"GET /lp?channel=t&timeout=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        t0 = time.monotonic()
+
+        def read_all(sock: socket.socket) -> bytes:
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        assert read_all(slow).startswith(b"HTTP/1.1 408 ")
+        assert read_all(idle) == b""
+        assert time.monotonic() - t0 < 4
+        lp_answer = lp.recv(65536)
+        assert lp_answer.startswith(b"HTTP/1.1 204 ") and time.monotonic() - t0 >= 2.9
+        for sock in (slow, idle, lp):
+            sock.close()
 
 
 def test_publish_with_token_over_http_client(server: ServerProcess) -> None:

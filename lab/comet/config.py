@@ -18,6 +18,7 @@ from lab.limits import HostLimits, read_host_limits, workers_for
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 DEFAULT_MAX_HEAD_BYTES = 16 * 1024
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_HISTORY = 100
 DEFAULT_MAX_CONNECTIONS = 20_000
 
@@ -39,6 +40,7 @@ class WorkerConfig:
     ping_interval_s: float
     publish_token: str | None
     max_conns: int
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     backlog: int = 4096
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +67,7 @@ class ServerConfig:
     ping_interval_s: float
     out: str | None
     quiet: bool
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     def worker_config(self, index: int, port: int, limits: HostLimits) -> WorkerConfig:
         return WorkerConfig(
@@ -77,6 +80,7 @@ class ServerConfig:
             ping_interval_s=self.ping_interval_s,
             publish_token=self.publish_token,
             max_conns=limits.conns_per_process,
+            request_timeout_s=self.request_timeout_s,
         )
 
 
@@ -145,6 +149,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="largest request line + headers, else 431 (default 16 KiB)",
     )
     p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="seconds an HTTP connection may take to send a complete request (else 408), or "
+        "stay idle between requests (else closed); upgraded WebSockets, long-polls and SSE "
+        f"streams are not timed (default {DEFAULT_REQUEST_TIMEOUT_S:g}; 0 = off)",
+    )
+    p.add_argument(
         "--ping-interval",
         type=float,
         default=0.0,
@@ -179,6 +191,8 @@ def resolve(args: argparse.Namespace, limits: HostLimits | None = None) -> Serve
         raise ConfigError("--max-head-bytes must be >= 256")
     if args.ping_interval < 0:
         raise ConfigError("--ping-interval must be >= 0 seconds (0 = off)")
+    if not args.request_timeout >= 0:
+        raise ConfigError("--request-timeout must be >= 0 seconds (0 = off)")
     token = args.publish_token
     generated = False
     if token == "":
@@ -199,4 +213,5 @@ def resolve(args: argparse.Namespace, limits: HostLimits | None = None) -> Serve
         ping_interval_s=args.ping_interval,
         out=args.out,
         quiet=args.quiet,
+        request_timeout_s=args.request_timeout,
     )

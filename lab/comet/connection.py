@@ -27,6 +27,7 @@ from lab.comet.protocol import (
     http_response,
     lp_body,
     parse_target,
+    sse_cursor_event,
 )
 from lab.comet.websocket import WsConn
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 # Seconds an HTTP connection answered with an error keeps reading (and discarding) what the
 # client still sends, so that closing does not reset the connection before it reads the answer.
 LINGER_S = 2.0
+# Requests a client may pipeline behind a waiting long-poll before the server stops reading
+# (it keeps reading up to then, to see the client go away).
+MAX_QUEUED = 8
 _EMPTY: tuple[str, ...] = ()
 
 
@@ -61,12 +65,14 @@ class Request:
         "body",
         "content_length",
         "expect",
+        "host",
         "keep_alive",
         "last_event_id",
         "method",
         "upgrade",
         "upgrade_header",
         "url",
+        "version",
         "ws_key",
         "ws_version",
     )
@@ -83,8 +89,10 @@ class Request:
         self.last_event_id: bytes | None = None
         self.content_length: bytes | None = None
         self.expect: bytes | None = None
+        self.host: bytes | None = None
         self.body = b""
         self.keep_alive = False
+        self.version = ""
 
 
 CORS_PREFLIGHT = (
@@ -102,6 +110,7 @@ _HEADER_FIELDS = {
     b"last-event-id": "last_event_id",
     b"content-length": "content_length",
     b"expect": "expect",
+    b"host": "host",
 }
 
 
@@ -112,8 +121,11 @@ class HttpConn(asyncio.Protocol):
         "body_bytes",
         "body_parts",
         "channels",
+        "cursor",
         "error",
         "head_bytes",
+        "head_only",
+        "idle_tick",
         "in_head",
         "keep",
         "mode",
@@ -144,6 +156,9 @@ class HttpConn(asyncio.Protocol):
         self.keep = False
         self.channels: tuple[str, ...] = _EMPTY
         self.timer: asyncio.TimerHandle | None = None
+        self.cursor: dict[str, int] | None = None  # an SSE stream of several channels
+        self.head_only = False  # answering a HEAD request: no body
+        self.idle_tick = worker.ticks  # when it began to wait for a request; -1: busy
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -152,6 +167,7 @@ class HttpConn(asyncio.Protocol):
         worker = self.worker
         worker.connects += 1
         worker.conns.add(self)
+        worker.http_conns.add(self)
         if len(worker.conns) > worker.max_conns or worker.stopping:
             tcp.abort()
             return
@@ -162,6 +178,7 @@ class HttpConn(asyncio.Protocol):
         if self in worker.conns:
             worker.conns.discard(self)
             worker.closes += 1
+        worker.http_conns.discard(self)
         self._leave_channels()
         if self.timer is not None:
             self.timer.cancel()
@@ -174,6 +191,8 @@ class HttpConn(asyncio.Protocol):
         parser = self.parser
         if parser is None or self.mode is Mode.SSE or self.mode is Mode.CLOSING:
             return
+        if self.mode is Mode.LP and len(self.queue) >= MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()  # resumed once the long-poll is answered
         if self.in_head:
             self.raw_head += len(data)
         leftover: bytes | None = None
@@ -247,8 +266,10 @@ class HttpConn(asyncio.Protocol):
         req.url = self.url.decode("latin-1")
         req.upgrade = parser.should_upgrade()
         req.keep_alive = parser.should_keep_alive()
+        req.version = parser.get_http_version()
         req.body = b"".join(self.body_parts)
         self.body_parts = []
+        self.req = None
         self.queue.append(req)
 
     def _count_head(self, n: int) -> None:
@@ -265,15 +286,25 @@ class HttpConn(asyncio.Protocol):
     def _process(self, leftover: bytes | None = None) -> None:
         while self.queue and self.mode is Mode.IDLE and self.transport is not None:
             req = self.queue.pop(0)
+            self.idle_tick = -1
+            if req.version != "1.1" and req.version != "1.0":
+                self._fail(400, f"HTTP/{req.version} is not served: send an HTTP/1.1 request")
+                return
+            if req.host is None and req.version == "1.1":
+                self._fail(400, "an HTTP/1.1 request needs a Host header")
+                return
             if req.upgrade:
                 self._upgrade(req, leftover or b"")
                 return
             self._handle(req)
+        if self.mode is Mode.IDLE and not self.queue:
+            self.idle_tick = self.worker.ticks
 
     def _handle(self, req: Request) -> None:
         worker = self.worker
         worker.messages += 1
         self.keep = req.keep_alive
+        self.head_only = req.method == "HEAD"
         if req.method == "OPTIONS":  # a browser's CORS preflight (e.g. POST with Authorization)
             self._respond(204, b"", req.keep_alive, CORS_PREFLIGHT)
             return
@@ -283,11 +314,15 @@ class HttpConn(asyncio.Protocol):
                 req.method, req.url, last_event_id.decode("latin-1") if last_event_id else None
             )
         except HttpError as exc:
-            self._fail(exc.status, exc.message)
+            self._fail(exc.status, exc.message, exc.extra)
             return
         route = target.route
         if route is Route.WS:
-            self._fail(426, "GET /ws needs a WebSocket upgrade (use a WebSocket client)")
+            self._fail(
+                426,
+                "GET /ws needs a WebSocket upgrade (use a WebSocket client)",
+                (("Upgrade", "websocket"),),
+            )
         elif route is Route.LP:
             self._long_poll(target)
         elif route is Route.SSE:
@@ -307,7 +342,7 @@ class HttpConn(asyncio.Protocol):
         try:
             target = parse_target(req.method, req.url)
         except HttpError as exc:
-            self._fail(exc.status, exc.message)
+            self._fail(exc.status, exc.message, exc.extra)
             return
         if target.route is not Route.WS:
             self._fail(400, f"only /ws accepts an upgrade, not {target.route.value}")
@@ -336,6 +371,7 @@ class HttpConn(asyncio.Protocol):
         for channel in ws.channels:
             worker.hub.subscribe(ws, channel)
         worker.conns.discard(self)
+        worker.http_conns.discard(self)
         worker.conns.add(ws)
         transport.set_protocol(ws)
         self.parser = None
@@ -346,7 +382,7 @@ class HttpConn(asyncio.Protocol):
 
     def _long_poll(self, target: Target) -> None:
         hub = self.worker.hub
-        messages = hub.catch_up(target.channels, target.since)
+        messages = hub.catch_up(target)
         if messages:
             self._respond(200, lp_body(messages), self.keep)
         elif target.timeout_s == 0 or self.worker.stopping:
@@ -356,8 +392,7 @@ class HttpConn(asyncio.Protocol):
             self._join_channels(target.channels)
             loop = asyncio.get_running_loop()
             self.timer = loop.call_later(target.timeout_s, self._lp_timeout)
-            if self.transport is not None:
-                self.transport.pause_reading()
+            # reading goes on while it waits: a client that goes away is seen at once
 
     def _lp_timeout(self) -> None:
         self.timer = None
@@ -370,16 +405,23 @@ class HttpConn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.mode = Mode.SSE
-        events = [
-            Outgoing(m).sse_event for m in self.worker.hub.catch_up(target.channels, target.since)
-        ]
+        hub = self.worker.hub
+        messages = hub.catch_up(target)
+        if len(target.channels) == 1:
+            events = [Outgoing(m).sse_event for m in messages]
+        else:  # event ids are the stream's position on each channel (sse_cursor_event)
+            cursor = self.cursor = {}
+            for channel in target.channels:
+                since = target.since_of(channel)
+                cursor[channel] = hub.last_id(channel) if since is None else since
+            events = [sse_cursor_event(cursor, Outgoing(m)) for m in messages]
         transport.write(SSE_HEAD + b"retry: 1000\n\n" + b"".join(events))
         self._join_channels(target.channels)
 
     def _publish(self, target: Target, req: Request) -> None:
         worker = self.worker
-        token = worker.token_header
-        if token is not None and not hmac.compare_digest(req.auth or b"", token):
+        token = worker.token
+        if token is not None and not _bearer_matches(req.auth, token):
             self._fail(
                 401,
                 "publishing needs 'Authorization: Bearer <token>' with the server's "
@@ -413,7 +455,8 @@ class HttpConn(asyncio.Protocol):
         if transport is None:
             return
         if self.mode is Mode.SSE:
-            transport.write(out.sse_event)
+            cursor = self.cursor
+            transport.write(out.sse_event if cursor is None else sse_cursor_event(cursor, out))
         elif self.mode is Mode.LP:
             self._leave_channels()
             if self.timer is not None:
@@ -440,6 +483,17 @@ class HttpConn(asyncio.Protocol):
             self.mode = Mode.CLOSING
             transport.close()
 
+    def timed_out(self) -> None:
+        """The worker's sweep: no complete request within ``--request-timeout`` (408), or
+        idle that long between requests (closed without a word, as keep-alive ends)."""
+        self.idle_tick = -1
+        if self.req is not None:  # a request was under way
+            self._fail(408, f"no complete request in {self.worker.request_timeout_s:g} s")
+        elif self.transport is not None:
+            self.mode = Mode.CLOSING
+            self.parser = None
+            self.transport.close()
+
     # ------------------------------------------------------------------ helpers
 
     def _join_channels(self, channels: tuple[str, ...]) -> None:
@@ -459,7 +513,8 @@ class HttpConn(asyncio.Protocol):
         if transport is None:
             return
         keep_alive = keep_alive and not self.worker.stopping
-        transport.write(http_response(status, body, keep_alive=keep_alive, extra=extra))
+        head, self.head_only = self.head_only, False
+        transport.write(http_response(status, body, keep_alive=keep_alive, extra=extra, head=head))
         if not keep_alive:
             self.mode = Mode.CLOSING
             self.parser = None
@@ -478,7 +533,8 @@ class HttpConn(asyncio.Protocol):
         if transport is None:
             return
         self.worker.errors += 1
-        transport.write(http_response(status, error_body(message), extra=extra))
+        head, self.head_only = self.head_only, False
+        transport.write(http_response(status, error_body(message), extra=extra, head=head))
         if self.timer is not None:
             self.timer.cancel()
         if transport.can_write_eof():
@@ -487,3 +543,11 @@ class HttpConn(asyncio.Protocol):
             self.timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
         else:
             transport.close()
+
+
+def _bearer_matches(auth: bytes | None, token: bytes) -> bool:
+    """``Authorization: Bearer <token>``; the scheme's case is free (RFC 9110 §11.1)."""
+    if auth is None:
+        return False
+    scheme, _, given = auth.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)

@@ -11,11 +11,16 @@ server answers. Wire formats (the contract with clients, e.g. ``lab.agent``):
 - WebSocket: one text frame per envelope; client commands ``{"subscribe": "C"}`` and
   ``{"unsubscribe": "C"}`` are answered ``{"subscribed": "C"}`` / ``{"unsubscribed": "C"}``;
 - long-poll ``GET /lp?channel=A&since=ID&timeout=S``: ``200`` with a JSON array of envelopes
-  (oldest first) that the history holds after ``since`` (the same ``since`` for every
-  ``channel`` given), else the next message as soon as it comes, else ``204`` after ``S``
-  seconds (default 25); without ``since`` it waits for the next message. Keep-alive works;
+  (oldest first) that the history holds after ``since``, else the next message as soon as it
+  comes, else ``204`` after ``S`` seconds (default 25); without ``since`` it waits for the
+  next message. Keep-alive works. Ids are per channel: with several channels, ``since`` is a
+  JSON object ``{"A": 5, "B": 2}`` (a channel left out gets only what comes next), or ``0``
+  (everything the history holds); a single number for several channels is refused (400);
 - SSE ``GET /sse?channel=A``: ``id: <id>`` and ``data: <envelope JSON>`` per event; the
-  ``Last-Event-ID`` header (or ``?lastEventId=``) replays what the history holds after it;
+  ``Last-Event-ID`` header (or ``?lastEventId=`` / ``?since=``) replays what the history
+  holds after it. A stream of several channels gives each event the id ``{"A": 5, "B": 2}``
+  (the position on every channel of the stream), which a reconnecting EventSource sends back,
+  so that a resume loses nothing the history holds on any channel;
 - ``POST /pub/<channel>``: ``200 {"id": N}`` once the message is sequenced; every HTTP error
   is a JSON ``{"error": "..."}`` naming the problem and the fix;
 - CORS: every answer allows any origin, and ``OPTIONS`` (a browser's preflight) answers 204.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -99,6 +105,15 @@ class Outgoing:
         if self._sse is None:
             self._sse = b"id: %d\ndata: %s\n\n" % (self.message.id, self.json)
         return self._sse
+
+
+def sse_cursor_event(cursor: dict[str, int], out: Outgoing) -> bytes:
+    """An event of an SSE stream of several channels: its id is the stream's position on each
+    of its channels (``cursor``, moved on by this message), as a JSON object in ASCII."""
+    message = out.message
+    cursor[message.channel] = message.id
+    position = json.dumps(cursor, separators=(",", ":")).encode()
+    return b"id: %s\ndata: %s\n\n" % (position, out.json)
 
 
 def ws_text_frame(payload: bytes) -> bytes:
@@ -224,14 +239,14 @@ class Hub(Generic[S]):
         history = self.histories.get(channel)
         return history.after(since) if history is not None else []
 
-    def catch_up(self, channels: Iterable[str], since: int | None) -> list[Message]:
-        """Long-poll / SSE catch-up: messages after ``since`` on each channel (none when
-        ``since`` is None: the client wants only what comes next)."""
-        if since is None:
-            return []
+    def catch_up(self, target: Target) -> list[Message]:
+        """Long-poll / SSE catch-up: on each of the target's channels, the messages after its
+        position (``Target.since_of``; none where that is None: only what comes next)."""
         out: list[Message] = []
-        for channel in channels:
-            out.extend(self.after(channel, since))
+        for channel in target.channels:
+            since = target.since_of(channel)
+            if since is not None:
+                out.extend(self.after(channel, since))
         return out
 
 
@@ -298,12 +313,14 @@ class Route(enum.Enum):
 
 
 class HttpError(Exception):
-    """A request the server answers with an error ``status`` and a message naming the fix."""
+    """A request the server answers with an error ``status`` and a message naming the fix
+    (``extra``: headers the status needs, e.g. ``Allow`` with a 405)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(f"{status} {message}")
         self.status = status
         self.message = message
+        self.extra = extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,15 +331,27 @@ class Target:
     channels: tuple[str, ...] = ()
     since: int | None = None
     timeout_s: float = DEFAULT_LP_TIMEOUT_S
+    # per-channel positions (``since`` as a JSON object): (channel, id) pairs
+    since_by: tuple[tuple[str, int], ...] | None = None
+
+    def since_of(self, channel: str) -> int | None:
+        """Where ``channel``'s catch-up starts: after this id (None: only what comes next)."""
+        if self.since_by is None:
+            return self.since
+        for name, since in self.since_by:
+            if name == channel:
+                return since
+        return None
 
 
+# the methods each route answers (HEAD: the GET answer's head, without its body)
 _METHODS = {
-    Route.WS: "GET",
-    Route.LP: "GET",
-    Route.SSE: "GET",
-    Route.PUB: "POST",
-    Route.STATS: "GET",
-    Route.HEALTHZ: "GET",
+    Route.WS: ("GET",),
+    Route.LP: ("GET",),
+    Route.SSE: ("GET",),
+    Route.PUB: ("POST",),
+    Route.STATS: ("GET", "HEAD"),
+    Route.HEALTHZ: ("GET", "HEAD"),
 }
 
 
@@ -339,18 +368,44 @@ def _channels(query: dict[str, list[str]], *, required: bool) -> tuple[str, ...]
     return channels
 
 
-def _since(value: str | None) -> int | None:
+def _since(
+    value: str | None, channels: tuple[str, ...]
+) -> tuple[int | None, tuple[tuple[str, int], ...] | None]:
+    """``since`` / ``Last-Event-ID``: a message id, or per channel a JSON object of ids."""
     if value is None or value == "":
-        return None
+        return None, None
+    if value.lstrip().startswith("{"):
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in obj.items()
+        ):
+            raise HttpError(
+                400,
+                "since/Last-Event-ID as a JSON object must map channels to ids >= 0, "
+                f'e.g. {{"A": 5, "B": 2}}; got {value[:60]!r}',
+            )
+        return None, tuple((ch, obj[ch]) for ch in channels if ch in obj)
     try:
         since = int(value)
     except ValueError:
         raise HttpError(
-            400, f"since/Last-Event-ID must be an integer id, got {value[:40]!r}"
+            400,
+            f"since/Last-Event-ID must be a message id, or a JSON object of ids per channel; "
+            f"got {value[:40]!r}",
         ) from None
     if since < 0:
         raise HttpError(400, "since/Last-Event-ID must be >= 0")
-    return since
+    if since > 0 and len(channels) > 1:
+        raise HttpError(
+            400,
+            f"ids are per channel: with several channels give since as a JSON object of ids, "
+            f'e.g. {{"{channels[0]}": {since}, "{channels[1]}": 0}} (URL-encoded), or 0 for all '
+            "the history holds",
+        )
+    return since, None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -360,7 +415,9 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
     parts = urlsplit(url)
     path = parts.path
     try:
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+        query = parse_qs(parts.query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HttpError(400, "the query string is not UTF-8 once %-decoded") from None
     except ValueError as exc:
         raise HttpError(400, f"bad query string: {exc}") from None
     if path.startswith("/pub/"):
@@ -372,10 +429,15 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
             raise HttpError(
                 404, f"no such path {path[:60]!r}; try /ws, /lp, /sse, /pub/<channel>, /stats"
             ) from None
-    if method != _METHODS[route]:
-        raise HttpError(405, f"{route.value} takes {_METHODS[route]}, not {method}")
+    methods = _METHODS[route]
+    if method not in methods:
+        allow = ", ".join(methods)
+        raise HttpError(405, f"{route.value} takes {allow}, not {method}", (("Allow", allow),))
     if route is Route.PUB:
-        channel = unquote(path[len("/pub/") :])
+        try:
+            channel = unquote(path[len("/pub/") :], errors="strict")
+        except UnicodeDecodeError:
+            raise HttpError(400, "the channel name is not UTF-8 once %-decoded") from None
         problem = check_channel(channel)
         if problem is not None:
             raise HttpError(400, f"{problem}; publish to /pub/<channel>")
@@ -388,13 +450,16 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
             timeout_s = float(timeout) if timeout else DEFAULT_LP_TIMEOUT_S
         except ValueError:
             raise HttpError(400, f"timeout must be seconds, got {timeout[:40]!r}") from None
-        if not 0 <= timeout_s <= MAX_LP_TIMEOUT_S:
+        if not 0 <= timeout_s <= MAX_LP_TIMEOUT_S or math.isnan(timeout_s):
             raise HttpError(400, f"timeout must be between 0 and {MAX_LP_TIMEOUT_S:g} s")
-        since = _since(query.get("since", [""])[-1])
-        return Target(route, _channels(query, required=True), since, timeout_s)
+        channels = _channels(query, required=True)
+        since, since_by = _since(query.get("since", [""])[-1], channels)
+        return Target(route, channels, since, timeout_s, since_by)
     if route is Route.SSE:
-        since = _since(last_event_id if last_event_id else query.get("lastEventId", [""])[-1])
-        return Target(route, _channels(query, required=True), since)
+        channels = _channels(query, required=True)
+        resume = last_event_id or query.get("lastEventId", [""])[-1] or query.get("since", [""])[-1]
+        since, since_by = _since(resume, channels)
+        return Target(route, channels, since, since_by=since_by)
     return Target(route)
 
 
@@ -405,6 +470,7 @@ REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Content Too Large",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
@@ -419,8 +485,10 @@ def http_response(
     content_type: str = "application/json",
     keep_alive: bool = False,
     extra: tuple[tuple[str, str], ...] = (),
+    head: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response with a Content-Length body."""
+    """A complete HTTP/1.1 response with a Content-Length body (``head``: the answer to a
+    HEAD request, the same head without the body)."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
     if status != 204:
         lines.append(f"Content-Type: {content_type}")
@@ -428,8 +496,8 @@ def http_response(
     lines.append("Connection: keep-alive" if keep_alive else "Connection: close")
     lines.append("Access-Control-Allow-Origin: *")
     lines.extend(f"{k}: {v}" for k, v in extra)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head + body if status != 204 else head
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return raw + body if status != 204 and not head else raw
 
 
 def error_body(message: str) -> bytes:

@@ -14,6 +14,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -95,7 +96,11 @@ class Worker:
         # Unsent bytes a WebSocket may queue before it counts as too slow and is cut.
         self.max_buffer_bytes = max(4 << 20, 4 * config.max_message_bytes)
         token = config.publish_token
-        self.token_header = f"Bearer {token}".encode() if token else None
+        self.token = token.encode() if token else None
+        self.request_timeout_s = config.request_timeout_s
+        # HTTP connections (not yet upgraded): swept once a second for --request-timeout
+        self.http_conns: set[Any] = set()
+        self.ticks = 0  # seconds (ticks) since the worker started
         self.connects = 0
         self.messages = 0
         self.closes = 0
@@ -217,11 +222,20 @@ class Worker:
         return self._healthy and not self.stopping
 
     def _tick(self) -> None:
+        self.ticks += 1
+        if self.request_timeout_s > 0:
+            self._sweep(self.ticks - math.ceil(self.request_timeout_s))
         events = self.events()
         pcs = events - self._events_last
         self._events_last = events
         if self.link is not None:
             self.link.send({"op": "stats", **self.own_figures(pcs)})
+
+    def _sweep(self, before: int) -> None:
+        """End the HTTP connections that have waited for a request since tick ``before``."""
+        late = [c for c in self.http_conns if 0 <= c.idle_tick <= before]
+        for conn in late:
+            conn.timed_out()
 
     def _ping(self) -> None:
         frame = ws_ping_frame()
