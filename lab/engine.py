@@ -624,12 +624,41 @@ class Engine:
             from lab import stats
 
             summary = stats.summarize(stats.load_tables(self.path), self.record)
+            for note in summary_notes(summary):
+                self._note(note)
             self.record["summary"] = _jsonable(summary)
             self.record["thresholds"] = _jsonable(
                 stats.evaluate_thresholds(summary, self.exp.thresholds)
             )
         except Exception as exc:
             self._note(f"summary: {describe(exc)}")
+
+
+# A ramp that reached less than this share of its planned rate gets a note in run.json.
+RAMP_SHORTFALL = 0.9
+
+
+def summary_notes(summary: Mapping[str, Any]) -> list[str]:
+    """What a reader of the summary must not miss although no threshold may test it: a
+    server worker that died, a ramp the agents could not keep to."""
+    notes = []
+    restarts = summary.get("server_restarts")
+    if restarts:
+        notes.append(
+            f"server: {restarts} worker restart(s) during the run: a worker died (its log is "
+            f"in logs/); the connections it held were cut "
+            f"({summary.get('connections_dropped') or 0} dropped in all)"
+        )
+    mean, planned = summary.get("ramp_rate_mean_per_s"), summary.get("ramp_rate_planned_per_s")
+    if mean is not None and planned and mean < RAMP_SHORTFALL * planned:
+        lag = summary.get("schedule_lag_ms_max")
+        lag_text = f", schedule lag up to {lag:.0f} ms" if lag is not None else ""
+        notes.append(
+            f"ramp: {mean:,.0f} connections/s reached of the {planned:,.0f}/s planned{lag_text}: "
+            "the agents or the server could not keep up (lab doctor EXPERIMENT shows the plan; "
+            "lower the rate, or add agent processes or hosts)"
+        )
+    return notes
 
 
 def _finding_text(f: Finding) -> str:

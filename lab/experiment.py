@@ -69,6 +69,9 @@ SUMMARY_FIELDS = (
 # may test these too.
 MORE_SUMMARY_FIELDS = (
     "planned_connections",
+    "connections_pending",
+    "connections_dropped",
+    "server_restarts",
     "planned_peak_connections",
     "planned_rate_per_s",
     "planned_hold_s",

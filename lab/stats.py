@@ -459,7 +459,8 @@ def errors_frame(tables: Tables) -> pd.DataFrame:
         long["reason"] = long["reason"].str.removeprefix("failed_")
     else:
         conns = tables.connections
-        bad = conns[~conns["outcome"].isin(NOT_ERRORS) & conns["outcome"].notna()]
+        failed = ~conns["outcome"].isin(NOT_ERRORS) & conns["outcome"].notna()
+        bad = conns[failed & conns["connected"].isna()]  # never up: not a drop
         when = bad["started"].fillna(bad["scheduled"]).astype("float64")
         long = pd.DataFrame(
             {"elapsed_s": np.floor(when - origin), "reason": bad["outcome"], "errors": 1.0}
@@ -506,13 +507,17 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
     if has_records:
         outcomes = conns["outcome"].astype("string")
         bad = outcomes.notna() & ~outcomes.isin(NOT_ERRORS)
-        summary["connect_errors"] = int(bad.sum())
+        up = conns["connected"].notna()
+        # a connection cut after it was up (a dying worker, a reset) did connect: a drop
+        summary["connect_errors"] = int((bad & ~up).sum())
+        summary["connections_dropped"] = int((bad & up).sum())
         summary["connections_pending"] = int((outcomes == "pending").sum())
         summary["planned_connections"] = len(conns)
     else:
         failed = [c for c in tables.agent.columns if c.startswith("failed_")]
         counts = [n for c in failed if (n := _last_per_agent(tables.agent, c)) is not None]
         summary["connect_errors"] = sum(counts) if len(tables.agent) else None
+        summary["connections_dropped"] = _last_per_agent(tables.agent, "dropped")
         summary["connections_pending"] = None  # only the per-connection records tell
         summary["planned_connections"] = _last_per_agent(tables.agent, "planned")
 
@@ -565,10 +570,21 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
     sat = tables.agent["saturated"]
     summary["agent_saturated"] = bool(sat.fillna(False).astype(bool).any()) if len(sat) else None
 
+    summary["server_restarts"] = server_restarts(tables)
     summary.update(_cpu_summary(tables, ramp))
     summary["errors_by_reason"] = errors_by_reason(tables)
     summary.update(planned_from_record(record))
     return summary
+
+
+def server_restarts(tables: Tables) -> int | None:
+    """Server workers restarted during the run (each died: a crash, or a kill), summed over
+    the workers; None without lines from a lab.comet server."""
+    server = tables.server
+    if server.empty or "restarts" not in server or server["restarts"].isna().all():
+        return None
+    keys = ["host", "worker"] if "host" in server else ["worker"]
+    return int(server.groupby(keys)["restarts"].max().fillna(0).sum())
 
 
 def planned_from_record(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -280,6 +280,45 @@ def test_interrupt_stops_everything(tmp_path: Path) -> None:
     assert rows.get("server", 0) > 0 and rows.get("monitor_host", 0) > 0, rows
 
 
+def test_a_worker_killed_mid_run_is_a_restart_and_drops_not_connect_errors(
+    tmp_path: Path,
+) -> None:
+    # SIGKILL the server's only worker while it holds all 200: the supervisor restarts it,
+    # and the run must say so, counting the 200 as dropped (they did connect), not as errors
+    import urllib.request
+
+    results = tmp_path / "results"
+    # the broadcasts come after the kill (at 6 s; the 200 are up at 1 s)
+    late = ["-p", "phases.1.hold_s=10", "-p", "publishing.start_after_s=6"]
+    proc = start_lab_run([str(TINY), *late], results)
+
+    def stats() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:18190/stats", timeout=2) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    try:
+        full = wait_for(lambda: (st := stats()) and st["online"] == 200 and st, 60, "200 online")
+        os.kill(full["workers"][0]["pid"], signal.SIGKILL)
+        code, folder, err = finish(proc, 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "completed", (record.get("reason"), err[-2000:])
+    summary = record["summary"]
+    assert summary["server_restarts"] == 1
+    assert summary["connect_errors"] == 0 and summary["errors_by_reason"] == {}
+    assert summary["connections_dropped"] == 200
+    assert any("1 worker restart(s)" in n and "200 dropped" in n for n in record["notes"])
+    # connect_errors == 0 passes; what fails is that no message reached anyone after it
+    assert [t["name"] for t in record["thresholds"] if not t["passed"]] == ["messages_received"]
+    assert code == 1
+    assert run_processes(record["run_id"]) == {}
+
+
 def tables_with_agent_lines(results: Path, record: dict[str, Any]) -> bool:
     folder = results / record["run_id"]
     workdir = Path(record["hosts"][0]["deploy"]["workdir"])
