@@ -187,6 +187,65 @@ def check_host(facts: Mapping[str, Any], host: str | None = None) -> list[Findin
     return out
 
 
+def source_ip_usable(ip: str, facts: Mapping[str, Any]) -> bool | None:
+    """Can an agent on the host with these facts bind ``ip``? None when the facts do not
+    say (an older lab on the host). On Linux a whole loopback network is local."""
+    import ipaddress
+
+    addresses = facts.get("addresses")
+    if addresses is None:
+        return None
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4 and (facts.get("sysctls") or {}).get("net.ipv4.ip_nonlocal_bind") == 1:
+        return True
+    for address, prefix, *_ in addresses:
+        own = ipaddress.ip_address(address)
+        if own == addr:
+            return True
+        if own.is_loopback and addr in ipaddress.ip_network(f"{own}/{prefix}", strict=False):
+            return True
+    return False
+
+
+def plan_host_findings(
+    exp: Any, limits: Mapping[str, HostLimits], facts_by_host: Mapping[str, Mapping[str, Any]]
+) -> list[Finding]:
+    """What the plan asks of each agent host that its facts can refuse: source addresses it
+    cannot bind (fail), a rate its cores cannot drive (warn). ``lab run`` checks these too."""
+    from lab.agent.capacity import RATE_PER_PROCESS
+    from lab.plan import agent_shares
+
+    out: list[Finding] = []
+    for share in agent_shares(exp, limits):
+        facts = facts_by_host.get(share.host) or {}
+        for ip in share.source_ips:
+            if source_ip_usable(ip, facts) is False:
+                out.append(
+                    Finding(
+                        share.host,
+                        "source address",
+                        Level.FAIL,
+                        ip,
+                        "not an address of this host (nor in its loopback network)",
+                        f"assign it (ip addr add {ip}/32 dev lo) or change agents.source_ips",
+                    )
+                )
+        cores = _int(facts.get("cpu_affinity")) or _int(facts.get("cpu_count"))
+        if cores and share.rate_per_s > cores * RATE_PER_PROCESS:
+            out.append(
+                Finding(
+                    share.host,
+                    "agent rate",
+                    Level.WARN,
+                    f"{share.rate_per_s:,.0f}/s on {cores} core(s)",
+                    f"past the ~{RATE_PER_PROCESS:,.0f}/s one core's agent process keeps to "
+                    "its schedule: expect schedule lag and a ramp below plan",
+                    "lower the rate or spread it over more agent hosts",
+                )
+            )
+    return out
+
+
 def check_plan(exp: Any, facts_by_host: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     """Findings for the experiment's plan on these hosts: fits (one line per launch) or the
     CapacityError naming the limit and the fix."""
@@ -215,6 +274,7 @@ def check_plan(exp: Any, facts_by_host: Mapping[str, Mapping[str, Any]]) -> list
             f"{len(plan.launches)} launches on {len(plan.hosts)} host(s)",
         )
     )
+    out += plan_host_findings(exp, limits, facts_by_host)
     out += [Finding("plan", "launch", Level.OK, line.strip()) for line in describe_plan(plan)]
     return out
 
@@ -251,7 +311,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         ),
     )
     parser.add_argument("experiment", nargs="?", help="experiment YAML (default: hosts only)")
-    parser.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "-p",
+        "--param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an experiment key, as with lab run (repeatable), e.g. -p agents.procs=4",
+    )
     parser.add_argument("--inventory", help="inventory YAML replacing the experiment's hosts")
     args = parser.parse_args(list(argv) if argv is not None else None)
     exp = None

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab.doctor import MAX_TIME_WAIT, Finding, Level, check_host
+from lab.doctor import MAX_TIME_WAIT, Finding, Level, check_host, plan_host_findings
 from lab.launch import (
     HEALTH_SCRIPT,
     LIMITS_SCRIPT,
@@ -152,6 +152,8 @@ class Engine:
             self.reason = self.stop_reason or "interrupted"
         except Exception as exc:
             self.outcome, self.reason = Outcome.FAILED, describe(exc)
+            if not isinstance(exc, RunFailed):  # unexpected: keep the whole traceback
+                self._log_traceback(exc)
         self.progress.stage(
             f"stopping ({self.outcome.value}{': ' + self.reason if self.reason else ''})"
         )
@@ -180,6 +182,18 @@ class Engine:
                 self._note(f"{what}: {describe(exc)}")
                 return
 
+    def _log_traceback(self, exc: BaseException) -> None:
+        """An error the engine did not expect: its traceback goes to logs/controller.log (the
+        reason in run.json is one line), and a note says where."""
+        logs = self.path / "logs"
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            with (logs / "controller.log").open("a") as f:
+                f.write("".join(traceback.format_exception(exc)))
+        except OSError:
+            return
+        self._note("the controller's traceback of this error is in logs/controller.log")
+
     def _note(self, text: str) -> None:
         self.record.setdefault("notes", []).append(text)
         self.progress.stage(text)
@@ -191,6 +205,7 @@ class Engine:
         self.progress.stage(f"deploying to {len(self.conns)} host(s)")
         await self._each(self._prepare_host, self.conns)
         self.plan = plan = make_plan(self.exp, self.limits)
+        self._check_plan_hosts()
         self.record["plan"] = [
             {
                 "host": x.host,
@@ -203,6 +218,8 @@ class Engine:
         ]
         self.folder.write_run_json(self.record)
         used = {x.host for x in plan.launches}
+        # after the plan: a plan that cannot fit fails at once, not after the wait
+        await self._each(self._settle_time_wait, {h: self.conns[h] for h in used})
         await self._each(self._make_rundir, {h: self.conns[h] for h in used})
 
         self.progress.stage("starting monitors")
@@ -290,7 +307,22 @@ class Engine:
         limits = self.limits[name] = HostLimits(**json.loads(lim.stdout.strip().splitlines()[-1]))
         info["limits"] = dataclasses.asdict(limits)
         self._check_host(name, {**info["metadata"], "clock_offset_s": clock.offset_s})
-        await self._settle_time_wait(name, conn)
+
+    def _check_plan_hosts(self) -> None:
+        """``lab doctor``'s checks of what the plan asks of each host (its source addresses,
+        its rate), on the facts read: a failure stops the run before anything starts."""
+        facts = {n: info.get("metadata") or {} for n, info in self.hosts.items()}
+        findings = plan_host_findings(self.exp, self.limits, facts)
+        for f in findings:
+            self.hosts[f.host].setdefault("checks", []).append(
+                {k: getattr(f, k) for k in ("check", "value", "message", "fix")}
+                | {"level": f.level.value}
+            )
+            if f.level is Level.WARN:
+                self._note(f"{f.host}: check {_finding_text(f)}")
+        failed = [f"{f.host}: {_finding_text(f)}" for f in findings if f.level is Level.FAIL]
+        if failed:
+            raise RunFailed("plan check failed: " + "; ".join(failed))
 
     def _check_host(self, name: str, facts: Mapping[str, Any]) -> None:
         """``lab doctor``'s host checks, on the facts just read: every finding goes into

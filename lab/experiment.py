@@ -556,7 +556,7 @@ def experiment_from_dict(
     agents = _agents(file, s.raw("agents"), names)
     session = _session(file, s.raw("session"))
     if "phases" not in s.data:
-        raise s.err("phases", "is required", f"add a list of: {' | '.join(PHASE_FORMS)}")
+        raise s.missing("phases", f"add a list of: {' | '.join(PHASE_FORMS)}")
     phases = _phases(file, s.raw("phases"))
     a = Section(file, "arrival", s.raw("arrival"))
     arrival = ArrivalSpec(
@@ -623,4 +623,16 @@ def load_experiment(
     if overrides:
         data = apply_overrides(data, overrides, str(p))
     hosts = load_inventory(inventory) if inventory else None
-    return experiment_from_dict(data, str(p), hosts=hosts)
+    try:
+        return experiment_from_dict(data, str(p), hosts=hosts)
+    except ExperimentError as exc:
+        raise _blame_override(exc, overrides or {}) from None
+
+
+def _blame_override(exc: ExperimentError, overrides: Mapping[str, str]) -> ExperimentError:
+    """The error as the user made it: a value given with ``-p`` is named as that flag, not as
+    the file (which may not even hold the key)."""
+    for key, value in overrides.items():
+        if exc.key == key or exc.key.startswith(key + "."):
+            return ExperimentError(f"-p {key}={value}", exc.key, exc.problem, exc.fix)
+    return exc

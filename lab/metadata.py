@@ -31,6 +31,7 @@ SYSCTLS = (
     "net.core.netdev_max_backlog",
     "fs.file-max",
     "fs.nr_open",
+    "net.ipv4.ip_nonlocal_bind",
 )
 CORE_PACKAGES = ("comet-lab", "uvloop", "httptools", "websockets", "psutil")
 CONTROLLER_PACKAGES = (
@@ -122,8 +123,31 @@ def collect_host_metadata() -> dict[str, Any]:
         "rlimits": {"nofile": nofile, "nproc": _rlimit(resource.RLIMIT_NPROC)},
         "sysctls": {name: read_sysctl(name) for name in SYSCTLS},
         "packages": package_versions(CORE_PACKAGES),
+        "addresses": _addresses(),
         "time": time.time(),
     }
+
+
+def _addresses() -> list[list[Any]]:
+    """The host's IP addresses as [address, prefix length, interface]: where an agent may
+    bind its source addresses (on a loopback interface, anywhere in its network)."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    out: list[list[Any]] = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
+                continue
+            address = a.address.split("%", 1)[0]
+            try:
+                net = ipaddress.ip_network(f"{address}/{a.netmask}", strict=False)
+            except ValueError:
+                continue
+            out.append([address, net.prefixlen, name])
+    return out
 
 
 def _git(args: list[str], cwd: Path) -> str | None:

@@ -56,7 +56,7 @@ class Progress:
             "errors": sum(sum((x.get("failed") or {}).values()) for x in a),
             "msgs_in": sum(int(x.get("msgs_in") or 0) for x in a),
             "lost": sum(int(x.get("lost") or 0) for x in a),
-            "online": self.server.get("online"),
+            "online": self.server.get("online", "—"),  # no server line yet
             "pcs": sum(int(w.get("pcs") or 0) for w in self.server.get("workers") or []),
         }
 

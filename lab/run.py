@@ -167,7 +167,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--inventory", help="inventory file: the hosts (replaces the experiment's)")
     parser.add_argument("--results", default="results", help="results root (default: results)")
     parser.add_argument("--no-report", action="store_true", help="do not publish report.html")
-    parser.add_argument("--progress", choices=("auto", "bar", "text"), default="auto")
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "bar", "text"),
+        default="auto",
+        help="progress on stdout: a live bar (rich), or a text line every few seconds; auto "
+        "(the default) picks the bar on a terminal, text otherwise",
+    )
     args = parser.parse_args(argv)
     from lab.experiment import ExperimentError, parse_overrides
 

@@ -114,9 +114,12 @@ SUMMARY_LAYOUT: tuple[tuple[str, str, str, str, float], ...] = (
     ("delivery_ms_p99", "", "delivery latency p99", "ms", 1),
     ("delivery_ms_max", "", "delivery latency max", "ms", 1),
     ("read_ms_p50", "", "read by the agent p50", "ms", 1),
+    ("read_ms_p99", "", "read by the agent p99", "ms", 1),
     ("read_ms_max", "", "read by the agent max", "ms", 1),
     ("messages_received", "", "messages received", "", 1),
     ("messages_lost", "", "messages lost", "", 1),
+    ("connections_dropped", "", "connections dropped after connecting", "", 1),
+    ("server_restarts", "", "server worker restarts", "", 1),
     ("agent_saturated", "", "agent saturated", "", 1),
 )
 

@@ -24,6 +24,8 @@ class ExperimentError(ValueError):
     def __init__(self, file: str, key: str, problem: str, fix: str = "") -> None:
         self.file, self.key, self.problem, self.fix = file, key, problem, fix
         where = f"{file}: {key}" if key else file
+        if key and file.startswith(f"-p {key}="):  # a -p flag names its key already
+            where = file
         super().__init__(f"{where}: {problem}" + (f" — fix: {fix}" if fix else ""))
 
 
@@ -46,6 +48,14 @@ class Section:
     def err(self, name: str, problem: str, fix: str = "") -> ExperimentError:
         return ExperimentError(self.file, self.path(name), problem, fix)
 
+    def missing(self, name: str, fix: str) -> ExperimentError:
+        """``name`` is required and absent: name a present key that looks like a typo of it."""
+        close = difflib.get_close_matches(name, [str(k) for k in self.data], n=1, cutoff=0.6)
+        if close:
+            return self.err(name, f"is required (there is `{close[0]}:`, unknown)",
+                            f"did you mean `{name}:`?")  # fmt: skip
+        return self.err(name, "is required", fix)
+
     def has(self, name: str) -> bool:
         return name in self.data
 
@@ -55,7 +65,7 @@ class Section:
     def str_(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
         if name not in self.data:
             if required:
-                raise self.err(name, "is required", f"add `{name}: <text>`")
+                raise self.missing(name, f"add `{name}: <text>`")
             return default
         v = self.data.pop(name)
         if v is None and not required:
@@ -78,7 +88,7 @@ class Section:
         if name not in self.data or self.data[name] is None:
             self.data.pop(name, None)
             if required:
-                raise self.err(name, "is required", f"add `{name}: <number>`")
+                raise self.missing(name, f"add `{name}: <number>`")
             return default
         v = self.data.pop(name)
         want = "a whole number" if integer else "a number"
@@ -120,9 +130,14 @@ class Section:
         return cls(v)
 
     def auto_int(self, name: str, *, lo: int = 1, hi: int | None = None) -> int | None:
-        if self.data.get(name, "auto") in ("auto", None):
+        v = self.data.get(name, "auto")
+        if v in ("auto", None):
             self.data.pop(name, None)
             return None
+        if isinstance(v, str):
+            raise self.err(
+                name, f"expected a whole number or auto, got {kind_of(v)}", f"write `{name}: auto`"
+            )
         return int(self.num(name, lo=lo, hi=hi, integer=True))
 
     def str_list(self, name: str) -> tuple[str, ...] | None:
@@ -185,6 +200,12 @@ def read_yaml(path: Path, what: str) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise ExperimentError(str(path), "", f"{what} file not found", "check the path") from None
+    except IsADirectoryError:
+        raise ExperimentError(
+            str(path), "", f"is a directory, not an {what} file", "give a YAML file in it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExperimentError(str(path), "", f"cannot read the {what} file: {exc}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

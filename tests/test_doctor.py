@@ -86,6 +86,40 @@ def test_check_plan_reports_capacity() -> None:
     assert fail.level is Level.FAIL and "raise workers to 4" in fail.fix
 
 
+def test_source_addresses_are_checked_against_the_hosts_own() -> None:
+    facts = {
+        **GOOD,
+        "cpu_count": 2,
+        "addresses": [["127.0.0.1", 8, "lo"], ["198.18.0.2", 24, "veth0"]],
+    }
+    smoke = ROOT / "experiments" / "smoke.yaml"
+
+    def plan_levels(ips: str) -> list[tuple[str, Level, str]]:
+        exp = load_experiment(smoke, {"agents.source_ips": ips})
+        return [(f.check, f.level, f.value) for f in check_plan(exp, {"local": facts})]
+
+    # all of 127/8 is local on lo; on another interface only its own address is
+    assert ("source address", Level.FAIL, "10.9.9.9") in plan_levels("10.9.9.9")
+    assert ("source address", Level.FAIL, "198.18.0.3") in plan_levels("198.18.0.3")
+    for ok in ("127.0.0.9", "198.18.0.2"):
+        exp = load_experiment(smoke, {"agents.source_ips": ok})
+        assert all(f.level is Level.OK for f in check_plan(exp, {"local": facts})), ok
+    # the kernel lets any address be bound with ip_nonlocal_bind
+    nonlocal_bind = {**facts, "sysctls": {**GOOD["sysctls"], "net.ipv4.ip_nonlocal_bind": 1}}
+    exp = load_experiment(smoke, {"agents.source_ips": "10.9.9.9"})
+    assert all(f.level is Level.OK for f in check_plan(exp, {"local": nonlocal_bind}))
+
+
+def test_a_rate_past_what_the_cores_drive_is_a_warning() -> None:
+    facts = {**GOOD, "cpu_count": 2, "addresses": [["127.0.0.1", 8, "lo"]]}
+    exp = load_experiment(ROOT / "experiments" / "smoke.yaml", {"phases.0.rate_per_s": "100000"})
+    (warn,) = [f for f in check_plan(exp, {"local": facts}) if f.level is not Level.OK]
+    assert warn.check == "agent rate" and warn.level is Level.WARN
+    assert "100,000/s on 2 core(s)" == warn.value and "more agent hosts" in warn.fix
+    c64k = load_experiment(ROOT / "experiments" / "c64k.yaml")  # 2,500/s: fine on 2 cores
+    assert all(f.level is Level.OK for f in check_plan(c64k, {"local": facts}))
+
+
 def test_real_metadata_feeds_check_host() -> None:
     findings = check_host({**collect_host_metadata(), "clock_offset_s": 0.0}, host="local")
     assert all(f.level is not Level.FAIL for f in findings), findings

@@ -101,6 +101,36 @@ def test_override_errors_name_the_override(tmp_path: Path) -> None:
         parse_overrides(["agents.procs"])
 
 
+def test_a_bad_value_given_with_p_is_named_as_that_flag(tmp_path: Path) -> None:
+    e = error(tmp_path, MINIMAL, {"phases.0.rate_per_s": "abc"})
+    assert str(e).startswith("-p phases.0.rate_per_s=abc: expected a number")
+    e = error(tmp_path, MINIMAL, {"server.wokers": "2"})
+    assert e.file == "-p server.wokers=2" and "did you mean `workers`" in e.fix
+    e = error(tmp_path, MINIMAL, {"server": "{wokers: 2}"})  # deeper than the flag's key
+    assert e.file == "-p server={wokers: 2}" and e.key == "server.wokers"
+    # an error the flag did not cause still names the file
+    e = error(tmp_path, MINIMAL + "server: {worker: 3}\n", {"agents.procs": "2"})
+    assert e.file.endswith("exp.yaml") and e.key == "server.worker"
+
+
+def test_workers_may_be_auto_and_the_fix_says_so(tmp_path: Path) -> None:
+    e = error(tmp_path, MINIMAL + "server: {workers: many}\n")
+    assert "whole number or auto" in e.problem and "auto" in e.fix
+    assert load_experiment(write(tmp_path, MINIMAL + "server: {workers: auto}\n")).server
+
+
+def test_a_misspelled_required_key_is_named(tmp_path: Path) -> None:
+    e = error(tmp_path, MINIMAL.replace("phases:", "phase:"))
+    assert e.key == "phases" and "`phase:`" in e.problem and "did you mean `phases:`" in e.fix
+
+
+def test_a_directory_or_missing_file_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="is a directory, not an experiment file"):
+        load_experiment(tmp_path)
+    with pytest.raises(ExperimentError, match="experiment file not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
 def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     e = error(tmp_path, MINIMAL + "server: {worker: 3}\n")
     assert e.file.endswith("exp.yaml") and e.key == "server.worker"

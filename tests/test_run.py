@@ -243,6 +243,23 @@ def test_a_host_that_fails_lab_doctors_checks_stops_the_run_before_any_load(
     assert run_processes(record["run_id"]) == {}
 
 
+def test_an_unexpected_error_keeps_its_traceback_in_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lab.plan
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        return {}["no such key"]  # a bug, as the engine would meet one
+
+    monkeypatch.setattr(lab.plan, "make_plan", broken)
+    folder = run_or_load(TINY, results_dir=tmp_path / "run")
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "failed" and "KeyError" in record["reason"]
+    log = (folder / "logs" / "controller.log").read_text()
+    assert "Traceback" in log and "def broken" not in log and "in broken" in log
+    assert any("logs/controller.log" in n for n in record["notes"])
+
+
 def test_several_phases_go_to_the_agent_as_a_plan_file(tmp_path: Path) -> None:
     # two ramps with holds between them do not fit the agent's flags: the plan writes a --plan
     # file, the engine puts it into the host's run dir before the agent starts
