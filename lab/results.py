@@ -80,6 +80,7 @@ TABLES: dict[str, dict[str, str]] = {
         "restarts": _I,
         "fanout_ms": _F,
         "fanout_subscribers": _I,
+        "fanout_id": _I,
     },
     "monitor_host": {
         "t": _F,
@@ -272,14 +273,23 @@ def _agent_row(host: str, t: float, line: Mapping[str, Any]) -> dict[str, Any]:
             )
         },
         "lag_ms": _num(line, "lag_ms"),
-        "cpu_percent": sum(_num(p, "cpu_percent") or 0 for p in procs) if procs else None,
-        "uss": sum(_num(p, "uss") or 0 for p in procs) if procs else None,
+        "cpu_percent": _sum_known(procs, "cpu_percent"),
+        "uss": _sum_known(procs, "uss"),
         "saturated": bool(line.get("saturated", False)),
     }
     for name in ("connect", "delivery", "read"):
         p50, p99, mx = _hist_ms(line.get(f"{name}_hist"))
         row.update({f"{name}_p50_ms": p50, f"{name}_p99_ms": p99, f"{name}_max_ms": mx})
     return row
+
+
+def _sum_known(procs: list[Mapping[str, Any]], key: str) -> float | None:
+    """A figure summed over the agent's processes; null unless every process gave it (a
+    process's first line has no CPU figure yet: a partial sum would read as a dip)."""
+    values = [_num(p, key) for p in procs]
+    if not values or any(v is None for v in values):
+        return None
+    return float(sum(v for v in values if v is not None))
 
 
 def _server_rows(host: str, t: float, line: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -291,7 +301,7 @@ def _server_rows(host: str, t: float, line: Mapping[str, Any]) -> list[dict[str,
         row["uptime_s"] = _num(line, "uptime_s")
         for k in (
             "pid", "online", "events", "connects", "messages", "closes", "pcs", "restarts",
-            "fanout_ms", "fanout_subscribers",
+            "fanout_ms", "fanout_subscribers", "fanout_id",
         ):  # fmt: skip
             row[k] = _num(w, k)
         rows.append(row)

@@ -16,31 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "agent": (
-        "t", "host", "agent", "elapsed_s", "planned", "started", "connected", "open", "closed",
-        "msgs_in", "msgs_out", "bytes_in", "bytes_out", "lost", "dup", "reordered", "lag_ms",
-        "cpu_percent", "uss", "saturated", "connect_p50_ms", "connect_p99_ms", "connect_max_ms",
-        "delivery_p50_ms", "delivery_p99_ms", "delivery_max_ms", "read_p50_ms", "read_p99_ms",
-        "read_max_ms",
-    ),
-    "server": (
-        "t", "host", "worker", "pid", "uptime_s", "online", "events", "connects", "messages",
-        "closes", "pcs", "restarts", "fanout_ms", "fanout_subscribers",
-    ),
-    "monitor_host": (
-        "t", "host", "mem_total", "mem_used", "mem_available", "tcp_inuse", "tcp_orphan",
-        "tcp_tw", "tcp_alloc", "tcp_mem_bytes", "tcp_slab_bytes", "self_cpu_percent",
-    ),
-    "monitor_cpu": ("t", "host", "core", "cpu_percent"),
-    "monitor_procs": (
-        "t", "host", "pid", "role", "cpu_percent", "rss", "uss", "num_fds", "threads",
-    ),
-    "connections": (
-        "host", "agent", "proc", "conn", "scheduled", "started", "connected", "closed",
-        "outcome", "connect_ms",
-    ),
-}  # fmt: skip
+from lab.results import TABLES
+
+# The columns of each table and their dtypes: one source, the writer's (lab.results.TABLES).
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {name: tuple(cols) for name, cols in TABLES.items()}
 
 
 class StatsError(ValueError):
@@ -66,7 +45,7 @@ class Tables:
 
 def empty_table(name: str) -> pd.DataFrame:
     """An empty frame with the documented columns of table ``name``."""
-    return pd.DataFrame({col: pd.Series(dtype="float64") for col in TABLE_COLUMNS[name]})
+    return pd.DataFrame({col: pd.Series(dtype=dtype) for col, dtype in TABLES[name].items()})
 
 
 def load_tables(folder: Path | str) -> Tables:
@@ -84,8 +63,8 @@ def load_tables(folder: Path | str) -> Tables:
         file = path / f"{name}.parquet"
         frame = pd.read_parquet(file) if file.exists() else empty_table(name)
         for col in columns:
-            if col not in frame.columns:
-                frame[col] = np.nan
+            if col not in frame.columns:  # a folder written before the column existed
+                frame[col] = pd.Series(index=frame.index, dtype=TABLES[name][col])
         frames[name] = frame
     histograms, agent_pids = read_agent_streams(path / "raw")
     server = frames["server"]

@@ -148,6 +148,11 @@ def test_tables_from_real_roles(real_raw: Path) -> None:
     assert agent["connect_p50_ms"].notna().any() and agent["delivery_max_ms"].notna().any()
     server = tables["server"]
     assert server["connects"].max() >= CONNS and (server["worker"] == 0).all()
+    # which publish a fan-out figure belongs to
+    assert (
+        server["fanout_id"].max() >= 1
+        and server.loc[server["fanout_id"] > 0, "fanout_ms"].gt(0).all()
+    )
     procs = tables["monitor_procs"]
     assert {"server", "agent", "monitor"} <= set(procs["role"])
     assert procs["uss"].notna().any() and procs["num_fds"].max() > 0
@@ -175,7 +180,8 @@ def test_partial_and_missing_data(tmp_path: Path) -> None:
     raw = folder.host_raw_dir("a1")
     line = {"kind": "agent", "t": 100.0, "agent": "agent-1", "elapsed_s": 1.0, "planned": 10,
             "started": 10, "connected": 9, "open": 9, "closed": 0,
-            "failed": {"refused": 1}, "procs": [{"pid": 1, "cpu_percent": 5.0, "uss": 1000}],
+            "failed": {"refused": 1}, "procs": [{"pid": 1, "cpu_percent": 5.0, "uss": 1000},
+                                                  {"pid": 2, "cpu_percent": None, "uss": 500}],
             "connect_hist": {"unit": "us", "buckets": [[bucket_index(300), 9]]}}  # fmt: skip
     (raw / "agent-1.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(line)[:40])
     rec = Records(4, agent="agent-1")
@@ -188,7 +194,9 @@ def test_partial_and_missing_data(tmp_path: Path) -> None:
     assert len(paths) == len(TABLES)
     agent = pd.read_parquet(folder.path / "agent.parquet")
     assert len(agent) == 1 and agent["failed_refused"].iloc[0] == 1
-    assert agent["failed_timeout"].iloc[0] == 0 and agent["uss"].iloc[0] == 1000
+    assert agent["failed_timeout"].iloc[0] == 0 and agent["uss"].iloc[0] == 1500
+    # a process without a CPU figure yet (its first line): no partial sum that reads as a dip
+    assert pd.isna(agent["cpu_percent"].iloc[0])
     assert math.isclose(agent["connect_p50_ms"].iloc[0], 0.3, rel_tol=0.01)
     assert pd.read_parquet(folder.path / "server.parquet").empty
     conns = pd.read_parquet(folder.path / "connections.parquet")
