@@ -420,17 +420,21 @@ def show_report(folder: Path | str) -> None:
     from IPython.display import Markdown, display
 
     tables = stats.load_tables(folder)
-    run = tables.run
+    display(Markdown(title_markdown(tables.run, _label(tables))))
+    show(report_figures(tables))
+
+
+def title_markdown(run: Mapping[str, Any], label: str) -> str:
+    """The report's first lines: the run, its experiment and outcome, and the run's notes
+    (a worker that died, a ramp below plan, a host check's warning: what must not be missed)."""
     experiment = (run.get("experiment") or {}).get("name", "?")
     outcome = run.get("outcome", "?")
     reason = f" — {run['reason']}" if run.get("reason") else ""
-    display(
-        Markdown(
-            f"**Run** `{_label(tables)}` · experiment **{experiment}** · "
-            f"outcome **{outcome}**{reason}"
-        )
-    )
-    show(report_figures(tables))
+    text = f"**Run** `{label}` · experiment **{experiment}** · outcome **{outcome}**{reason}"
+    notes = [str(n) for n in run.get("notes") or []]
+    if notes:
+        text += "\n\n**Notes**\n\n" + "\n".join(f"- {n}" for n in notes)
+    return text
 
 
 def show_compare(folders: Sequence[Path | str]) -> None:

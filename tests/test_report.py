@@ -82,3 +82,15 @@ def test_compare_overlays_each_run(tmp_path: Path) -> None:
     assert header == ["figure", "unit", "run-a", "run-b", "run-b ÷ first"]
     connections = figures[1]
     assert [t.name for t in connections.data] == ["run-a", "run-b"]
+
+
+def test_the_title_carries_the_runs_notes() -> None:
+    run = {
+        "experiment": {"name": "smoke"},
+        "outcome": "completed",
+        "notes": ["server: 1 worker restart(s) during the run", "ramp: 6,700 connections/s"],
+    }
+    text = report.title_markdown(run, "20261127-000000-smoke")
+    assert "outcome **completed**" in text
+    assert "\n- server: 1 worker restart(s) during the run\n- ramp: 6,700" in text
+    assert "Notes" not in report.title_markdown({**run, "notes": []}, "x")
