@@ -268,11 +268,12 @@ class Monitor:
 
 
 def _parse_rules(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--match`` values as (role, substring); ValueError naming the bad one and the fix."""
     rules = []
     for item in items:
         role, sep, needle = item.partition("=")
         if not sep or not role or not needle:
-            raise SystemExit(f"--match {item!r}: expected ROLE=SUBSTRING, e.g. server=nginx")
+            raise ValueError(f"--match {item!r}: expected ROLE=SUBSTRING, e.g. server=nginx")
         rules.append((role, needle))
     return tuple(rules)
 
@@ -318,7 +319,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             "and --out. Stops on SIGTERM/SIGINT or after --duration."
         ),
     )
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between lines")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between lines (default 1)"
+    )
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument(
@@ -340,10 +343,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--interval must be in (0, 3600] seconds")
     if args.duration is not None and args.duration <= 0:
         parser.error("--duration must be positive")
+    try:
+        rules = _parse_rules(args.match)
+    except ValueError as exc:  # a usage error like the others: exit 2, prefixed by the prog
+        parser.error(str(exc))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    monitor = Monitor(rules=_parse_rules(args.match), run_id=args.run_id)
+    monitor = Monitor(rules=rules, run_id=args.run_id)
     if args.host_name:
         monitor.host = args.host_name
     outputs: list[IO[str]] = [sys.stdout]

@@ -73,6 +73,21 @@ def test_rate_warning() -> None:
     assert check_capacity(Demand(1000, 9000, 1, 1, 1), HOST) == []
 
 
+def test_rate_warning_for_a_ramp_shorter_than_a_second() -> None:
+    """1,000 connections at 30,000/s open within one second, yet ask 30,000/s of the process:
+    the warning follows the phase's rate, not the count of a whole second."""
+    from lab.agent.coordinator import build_parser, prepare
+
+    args = build_parser().parse_args(
+        ["--url", "ws://127.0.0.1:9/ws", "--rate", "30000", "--connections", "1000",
+         "--procs", "1", "--hold", "1"]
+    )  # fmt: skip
+    warnings = prepare(args)[3]
+    assert any(w.startswith("rate: 30000 new connections/s per process") for w in warnings)
+    args.procs = "4"
+    assert not any(w.startswith("rate:") for w in prepare(args)[3])  # 7,500/s each
+
+
 def test_auto_procs() -> None:
     assert auto_procs(15_000, 2500, HOST, cpus=2) == 1
     assert auto_procs(64_000, 2500, HOST, cpus=2) == 4

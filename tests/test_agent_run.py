@@ -49,10 +49,11 @@ def test_sigterm_mid_ramp_flushes_lines_and_records(comet: int, tmp_path: Path) 
             "--quiet",
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
-    assert p.stdout is not None
+    assert p.stdout is not None and p.stderr is not None
     first = json.loads(p.stdout.readline())  # one second into the ramp
     assert first["kind"] == "agent" and first["started"] > 0
     p.send_signal(signal.SIGTERM)
@@ -60,7 +61,11 @@ def test_sigterm_mid_ramp_flushes_lines_and_records(comet: int, tmp_path: Path) 
     assert p.wait(30) == 0
     end = rest[-1]
     assert end["kind"] == "agent_end"
-    assert (end["outcome"], end["reason"]) == ("interrupted", "signal")
+    assert (end["outcome"], end["reason"]) == ("interrupted", "SIGTERM")
+    err = p.stderr.read().splitlines()
+    assert [x for x in err if "stopped by" in x] == [
+        f"lab.agent: stopped by SIGTERM: connections closed, records flushed to {rec}"
+    ], err
     assert end["open"] == 0 and end["closed"] == end["connected"]
     assert len(out.read_text().splitlines()) == 1 + len(rest)
     r = read_records(rec)
@@ -194,21 +199,58 @@ def test_bad_plan_file(tmp_path: Path) -> None:
         timeout=60,
         cwd=ROOT,
     )
-    assert p.returncode == 2 and "phase 1 (ramp): give exactly one of until" in p.stderr
-    plan.write_text(json.dumps({"phases": [{"kind": "ramp", "rate": 10, "until": 3}]}))
-    p = subprocess.run(
-        [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert p.returncode == 2 and "unknown key(s) ['rate']" in p.stderr
+    assert p.returncode == 2 and "phases[0] (ramp): give exactly one of until" in p.stderr
+    # phases count from 0 as everywhere else (phases.0.rate_per_s); a typo gets the closest key
+    for doc, message in [
+        (
+            {"phases": [{"kind": "ramp", "rate_per_s": 1, "until": 3}, {"kind": "hold", "s": 1}]},
+            "phases[1]: unknown key `s`: known keys: kind, rate_per_s, until, duration_s, count",
+        ),
+        (
+            {"phases": [{"kind": "ramp", "rate": 10, "until": 3}]},
+            "phases[0]: unknown key `rate`: did you mean `rate_per_s`?",
+        ),
+        ({"phases": [{"kind": "rmap"}]}, "phases[0]: kind 'rmap': did you mean `ramp`?"),
+        ({"phases": [], "arival": "poisson"}, "unknown key `arival`: did you mean `arrival`?"),
+    ]:
+        plan.write_text(json.dumps(doc))
+        p = subprocess.run(
+            [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert p.returncode == 2 and f"--plan {plan}: {message}" in p.stderr, p.stderr
 
 
 def test_help_needs_only_core_dependencies() -> None:
     p = subprocess.run([PY, "-m", "lab.agent", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and "--source-ips" in p.stdout
+    # every option says what it is and its default; argparse wraps lines: compare words
+    options = {
+        "-" + block.split()[0]: " ".join(block.split())
+        for block in p.stdout.split("options:", 1)[1].split("\n  -")
+        if block.strip()
+    }
+    for flag, text in [
+        ("--session", "websocket (upgrade, comet envelopes counted"),
+        ("--session", "(default websocket)"),
+        ("--arrival", "poisson (exponential gaps"),
+        ("--arrival", "(default uniform)"),
+        ("--rate", "(ramp; default 100)"),
+        ("--connections", "(default 100)"),
+        ("--hold", "(default 10)"),
+        ("--connect-timeout", "(default 10)"),
+        ("--lp-timeout", "(default 25)"),
+        ("--publish-rate", "(default 1)"),
+        ("--publish-count", "(default 100)"),
+        ("--seed", "(default 0)"),
+        ("--agent-id", "(default a0)"),
+        ("--start-at", "(default now + 0.5 s)"),
+        ("--max-duration", "(default the plan's end + 3600 s)"),
+    ]:
+        assert text in options[flag], (flag, options.get(flag))
     p = subprocess.run(
         [PY, "-m", "lab", "agent", "--help"], capture_output=True, text=True, cwd=ROOT
     )
@@ -243,3 +285,39 @@ def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
     finally:
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_failed_publishes_are_explained_once_then_counted(tmp_path: Path) -> None:
+    """A server that needs a publish token the agent was not given: one line naming the
+    status and the fix at the first error, a count at the end, the JSON field as before."""
+    from lab.comet.launch import ServerProcess
+
+    with ServerProcess(workers=1, extra=["--quiet", "--publish-token", "sec"]) as server:
+        pub = f"http://127.0.0.1:{server.port}/pub/t1"
+        p = subprocess.run(
+            [PY, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{server.port}/ws",
+             "--rate", "100", "--connections", "2", "--hold", "1", "--publish-url", pub,
+             "--publish-rate", "20", "--publish-count", "4"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    end = json.loads(p.stdout.splitlines()[-1])
+    assert end["publish_errors"] == 4 and end["msgs_out"] == 0
+    lines = [x for x in p.stderr.splitlines() if "publish" in x]
+    assert lines == [
+        f"lab.agent: publish: HTTP 401 from {pub}: the server needs a publish token: "
+        "give --publish-token (the server's)",
+        "lab.agent: publish: 4 of 4 messages failed (the first error is above)",
+    ], p.stderr
+
+
+def test_progress_line_shows_failures_by_reason(comet: int) -> None:
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", f"ws://127.0.0.1:{comet}/nope", "--rate", "100",
+         "--connections", "5", "--hold", "1.5"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    progress = [x for x in p.stderr.splitlines() if x.startswith("[agent a0]")]
+    # the five fail within 50 ms of the start, before the first line
+    assert progress and all(" failed=5 (http 5) " in x for x in progress), p.stderr

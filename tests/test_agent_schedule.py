@@ -81,10 +81,21 @@ def test_shards_partition_the_schedule() -> None:
     assert list(shards[2].close_s) == list(s.close_s[2::3])
 
 
+def test_peak_rate_is_the_fastest_phase_not_a_whole_second_count() -> None:
+    """A ramp shorter than a second asks its rate of the processes though it opens fewer
+    connections than that in its one second."""
+    s = build_schedule(simple_phases(30_000, 3000, 1, None))
+    assert s.peak_rate_per_s() == 30_000
+    s = build_schedule([ramp(100, until=50), ramp(5000, duration_s=0.1), hold(1), close(9000)])
+    assert s.peak_rate_per_s() == 5000  # a close phase opens nothing
+    assert build_schedule([ramp(10, until=0), hold(1)]).peak_rate_per_s() == 0.0
+
+
 @pytest.mark.parametrize(
     ("phases", "message"),
     [
         ([], "no phases"),
+        ([ramp(10, until=5), hold(-1)], r"phases\[1\] \(hold\): duration_s must be"),
         ([ramp(0, until=10)], "rate_per_s must be > 0"),
         ([ramp(10)], "exactly one of until"),
         ([ramp(10, until=5, duration_s=1)], "exactly one of until"),

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -115,19 +116,87 @@ def test_websocket_subscribe_frame_and_http_failure(comet: int) -> None:
     )
     assert rc == 0, err
     assert lines[-1]["msgs_in"] == 15
-    # an unknown path: the server answers 404, the agent counts HTTP failures and still exits 0
+
+
+@pytest.mark.parametrize(
+    ("session", "url", "hint"),
+    [
+        ("websocket", "ws://127.0.0.1:{port}/nope", "not a WebSocket endpoint (lab serve: /ws)"),
+        ("sse", "http://127.0.0.1:{port}/nope?channel=c", "not an SSE endpoint (lab serve: /sse)"),
+        (
+            "longpoll",
+            "http://127.0.0.1:{port}/nope?channel=c",
+            "not a long-poll endpoint (lab serve: /lp)",
+        ),
+    ],
+)
+def test_a_refused_first_request_is_an_http_failure_named_once(
+    comet: int, session: str, url: str, hint: str, tmp_path: Path
+) -> None:
+    """An unknown path: the server answers 404. Every session kind counts the connections as
+    failed (reason http; a long-poll too, though its TCP connection was up: it never worked),
+    none as dropped, the records agree, and stderr says once which status came from where."""
+    url = url.format(port=comet)
+    rec = tmp_path / "f.rec"
     rc, lines, err = run_agent(
-        "--url",
-        f"ws://127.0.0.1:{comet}/nope",
-        "--rate",
-        "100",
-        "--connections",
-        "5",
-        "--hold",
-        "0",
-    )
+        "--url", url, "--session", session, "--rate", "100", "--connections", "5",
+        "--hold", "0.5", "--records", str(rec),
+    )  # fmt: skip
     assert rc == 0, err
-    assert lines[-1]["failed"]["http"] == 5 and lines[-1]["connected"] == 0
+    end = lines[-1]
+    assert end["failed"]["http"] == 5 and sum(end["failed"].values()) == 5, end
+    assert (end["connected"], end["open"], end["closed"], end["dropped"]) == (0, 0, 0, 0), end
+    r = read_records(rec)
+    assert Counter(r["outcome"]) == {"http": 5}
+    assert all(math.isnan(c) for c in r["connected"])  # failed to connect, not dropped
+    assert err.splitlines() == [f"lab.agent: HTTP 404 from {url}: {hint}"], err
+
+
+def test_http_failure_hints() -> None:
+    from lab.agent.target import SessionKind, describe_http_failure
+
+    ws, lp = SessionKind.WEBSOCKET, SessionKind.LONGPOLL
+    assert describe_http_failure(ws, 200, "ws://h:1/") == (
+        "HTTP 200 from ws://h:1/: not a WebSocket endpoint (lab serve: /ws)"
+    )
+    assert "Sec-WebSocket-Accept is missing or wrong" in describe_http_failure(ws, 101, "ws://h/")
+    assert describe_http_failure(lp, 0, "http://h:1/lp?channel=c") == (
+        "no HTTP answer from http://h:1/lp?channel=c: is an HTTP server listening on that port?"
+    )
+    assert describe_http_failure(lp, 503, "u") == (
+        "HTTP 503 from u: the server is shedding load: see its log, or lower --rate"
+    )
+
+
+def test_longpoll_error_after_a_good_poll_is_a_drop() -> None:
+    """Bytes in, counters out: a long-poll refused on its first poll never worked (failed);
+    one refused after a good poll had worked (dropped, outcome http)."""
+    from lab.agent.session import LongPollClient, State
+    from lab.agent.target import SessionKind, make_target
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+    tgt = make_target("http://127.0.0.1:1/lp?channel=c", SessionKind.LONGPOLL)
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    for answers, failed, dropped in [([not_found], 1, 0), ([no_content, not_found], 0, 1)]:
+        sh = Shared(Records(1))
+        sh.records.scheduled[0] = time.time()
+        client = LongPollClient(sh, 0, tgt)
+        client.connection_made(Transport())
+        for data in answers:
+            client.data_received(data)
+        c = sh.counters
+        assert (c.failed[Outcome.HTTP - Outcome.REFUSED], c.dropped) == (failed, dropped)
+        assert (c.connected, c.open, c.closed) == (dropped, 0, dropped)
+        assert sh.records.outcome[0] == Outcome.HTTP and client.st == State.DONE
+        assert math.isnan(sh.records.connected[0]) == bool(failed)
+        assert sh.http_error is not None and sh.http_error[0] == 404
 
 
 class ScriptedServer:

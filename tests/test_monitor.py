@@ -123,14 +123,28 @@ def test_monitor_stops_after_duration(tmp_path: Path) -> None:
     assert 1 <= len(lines) <= 4
 
 
-def test_bad_match_rule_is_explained() -> None:
+def test_bad_match_rule_is_a_usage_error() -> None:
     done = subprocess.run(
-        [PY, "-m", "lab.monitor", "--match", "nginx", "--duration", "1"],
+        [PY, "-m", "lab", "monitor", "--match", "nginx", "--duration", "1"],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0 and "ROLE=SUBSTRING" in done.stderr
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("usage: lab monitor")
+    assert (
+        "lab monitor: error: --match 'nginx': expected ROLE=SUBSTRING, e.g. server=nginx"
+        in done.stderr
+    )
+
+
+def test_help_shows_the_defaults() -> None:
+    done = subprocess.run(
+        [PY, "-m", "lab.monitor", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    words = " ".join(done.stdout.split())
+    assert "--interval INTERVAL seconds between lines (default 1)" in words
 
 
 def test_role_of_command_lines() -> None:

@@ -48,7 +48,9 @@ class CapacityError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Demand:
-    """What a plan asks of a host: peak simultaneous connections and peak new connections/s."""
+    """What a plan asks of a host: peak simultaneous connections and the highest rate of new
+    connections any phase asks for (``Schedule.peak_rate_per_s``; a ramp shorter than a second
+    asks its full rate of the processes)."""
 
     peak_open: int
     peak_rate_per_s: float

@@ -11,7 +11,10 @@ time, runs the optional publisher, and merges their per-second lines into ONE
 Fields beyond results/README.md: ``dropped`` (connections the server closed before their
 planned close; their record outcome is ``reset`` with a ``connected`` time), and when
 publishing ``publish_errors`` and ``publish_lag_ms``; ``agent_end`` adds ``saturated_any``,
-``outcome`` (completed | interrupted | failed) and ``reason`` (signal, max_duration, ...).
+``outcome`` (completed | interrupted | failed) and ``reason`` (the signal that stopped it:
+SIGTERM / SIGINT; max_duration; ...). On stderr: the first HTTP answer that failed a session
+(status, URL, likely fix), the first failed publish and then their count, and unless
+``--quiet`` a progress line a second (failures by reason).
 ``procs`` lists the load processes and the coordinator itself; ``msgs_in`` counts delivered
 envelopes (websocket: not command replies); ``closed`` counts a planned close when it starts.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import functools
 import json
 import os
@@ -45,7 +49,7 @@ from lab.agent.proc import ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
 from lab.agent.records import FAILURES, append_file
 from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
-from lab.agent.target import SessionKind, make_target
+from lab.agent.target import SessionKind, describe_http_failure, make_target
 from lab.histogram import Histogram
 from lab.limits import read_host_limits, source_addresses_for
 
@@ -53,6 +57,9 @@ EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lin
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0  # after a stop, processes get this long before SIGKILL
 SATURATED_CPU_PERCENT = 90.0
+PLAN_KEYS = ("phases", "arrival", "seed")
+PHASE_KINDS = ("ramp", "hold", "close")
+PHASE_KEYS = ("kind", "rate_per_s", "until", "duration_s", "count")
 SUM_FIELDS = (
     "started",
     "connected",
@@ -102,10 +109,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         required=True,
         help="destination (repeat for several): ws://H:P/ws?channel=C, http://H:P/lp?channel=C, http://H:P/sse?channel=C",
     )
-    a("--session", default="websocket", choices=[k.value for k in SessionKind])
-    a("--rate", type=float, default=100.0, help="new connections per second (ramp)")
-    a("--connections", type=int, default=100, help="connections to open in the ramp")
-    a("--hold", type=float, default=10.0, help="seconds to hold all connections after the ramp")
+    a(
+        "--session",
+        default="websocket",
+        choices=[k.value for k in SessionKind],
+        help="what each connection does: websocket (upgrade, comet envelopes counted: lost, "
+        "duplicated, reordered), longpoll (GET /lp loop), sse (GET /sse event stream), generic "
+        "(any WebSocket server: upgrade and hold, frames counted) (default websocket)",
+    )
+    a("--rate", type=float, default=100.0, help="new connections per second (ramp; default 100)")
+    a("--connections", type=int, default=100, help="connections to open in the ramp (default 100)")
+    a(
+        "--hold",
+        type=float,
+        default=10.0,
+        help="seconds to hold all connections after the ramp (default 10)",
+    )
     a(
         "--close-rate",
         type=float,
@@ -120,25 +139,27 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     a(
         "--procs",
         default="auto",
-        help="load processes: N or auto (enough for the open-file limit and the rate)",
+        help="load processes: N or auto (enough for the open-file limit and the rate; "
+        "default auto)",
     )
     a(
         "--source-ips",
         default="auto",
         help="source addresses: auto (127.0.0.2.. on loopback as needed), a list A,B "
-        "or a range A-B",
+        "or a range A-B (default auto)",
     )
     a(
         "--start-at",
         type=float,
         default=None,
-        help="common start time (unix seconds) across agent hosts",
+        help="common start time (unix seconds) across agent hosts (default now + 0.5 s)",
     )
     a(
         "--max-duration",
         type=float,
         default=None,
-        help="hard bound in seconds from the start: close everything and exit",
+        help="hard bound in seconds from the start: close everything and exit "
+        "(default the plan's end + 3600 s)",
     )
     a(
         "--nice",
@@ -149,8 +170,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="nice increment of the load processes: on a host shared with the server, let it "
         "run first, as agents on other hosts would (default 0; the publisher is not niced)",
     )
-    a("--seed", type=int, default=0, help="seed of Poisson arrivals")
-    a("--arrival", default="uniform", choices=[x.value for x in Arrival])
+    a("--seed", type=int, default=0, help="seed of Poisson arrivals (default 0)")
+    a(
+        "--arrival",
+        default="uniform",
+        choices=[x.value for x in Arrival],
+        help="uniform (one connection every 1/rate s) or poisson (exponential gaps of mean "
+        "1/rate s, from --seed) (default uniform)",
+    )
     a(
         "--subscribe",
         action="append",
@@ -161,24 +188,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--connect-timeout",
         type=float,
         default=10.0,
-        help="seconds from start to connected before outcome timeout",
+        help="seconds from start to connected before outcome timeout (default 10)",
     )
     a(
         "--lp-timeout",
         type=float,
         default=25.0,
-        help="long-poll timeout asked of the server, seconds",
+        help="long-poll timeout asked of the server, seconds (default 25)",
     )
     a("--publish-url", help="publish to http://H:P/pub/<channel> while the plan runs")
-    a("--publish-rate", type=float, default=1.0, help="messages per second")
+    a("--publish-rate", type=float, default=1.0, help="messages per second (default 1)")
     a("--publish-token", default=None, help="bearer token for publishing")
-    a("--payload-bytes", type=int, default=0, help="pad each published body to this size")
-    a("--publish-count", type=int, default=100, help="messages to publish at most")
+    a(
+        "--payload-bytes",
+        type=int,
+        default=0,
+        help="pad each published body to this size (default 0: no padding)",
+    )
+    a("--publish-count", type=int, default=100, help="messages to publish at most (default 100)")
     a(
         "--publish-delay",
         type=float,
         default=0.0,
-        help="seconds after the start before the first publish",
+        help="seconds after the start before the first publish (default 0)",
     )
     a(
         "--read-on-arrival",
@@ -187,7 +219,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "read; by default the sockets are read every 2 ms and times are the kernel's receive "
         "times (SO_TIMESTAMPNS): exact whatever the agent's own CPU wait, and fewer wake-ups",
     )
-    a("--agent-id", default="a0", help="name of this agent in the streams")
+    a("--agent-id", default="a0", help="name of this agent in the streams (default a0)")
     a("--out", help="also write the JSON lines to this file")
     a("--records", help="per-connection record file to write at the end (.rec)")
     a("--quiet", action="store_true", help="no human progress line on stderr")
@@ -206,17 +238,34 @@ def load_plan_file(path: str) -> tuple[list[Phase], str | None, int | None]:
         raise UsageError(f"--plan {path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("phases"), list):
         raise UsageError(f'--plan {path}: expected {{"phases": [{{"kind": "ramp", ...}}, ...]}}')
+    _known_keys(path, "", data, PLAN_KEYS)
+    # phases count from 0, as everywhere else in the project (phases.0.rate_per_s)
     for n, ph in enumerate(data["phases"]):
-        if not isinstance(ph, dict) or ph.get("kind") not in ("ramp", "hold", "close"):
-            raise UsageError(f"--plan {path}: phase {n + 1}: kind must be ramp, hold or close")
-        extra = set(ph) - {"kind", "rate_per_s", "until", "duration_s", "count"}
-        if extra:
-            raise UsageError(f"--plan {path}: phase {n + 1}: unknown key(s) {sorted(extra)}")
+        where = f"phases[{n}]"
+        if not isinstance(ph, dict):
+            raise UsageError(f'--plan {path}: {where}: expected {{"kind": "ramp", ...}}')
+        kind = ph.get("kind")
+        if kind not in PHASE_KINDS:
+            close = difflib.get_close_matches(str(kind), PHASE_KINDS, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise UsageError(
+                f"--plan {path}: {where}: kind {kind!r}: {hint}use one of: {', '.join(PHASE_KINDS)}"
+            )
+        _known_keys(path, f"{where}: ", ph, PHASE_KEYS)
     try:
         phases = phases_from_json(data["phases"])
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--plan {path}: {exc}") from exc
     return phases, data.get("arrival"), data.get("seed")
+
+
+def _known_keys(path: str, where: str, data: dict[str, Any], known: tuple[str, ...]) -> None:
+    """UsageError for the first key of ``data`` that is not ``known``, with the closest one."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            fix = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+            raise UsageError(f"--plan {path}: {where}unknown key `{key}`: {fix}")
 
 
 class Merger:
@@ -309,6 +358,7 @@ class Coordinator:
         self.reasons: dict[int, str] = {}
         self.stop_reason = ""
         self.merger: Merger | None = None
+        self.http_error_told = False
 
     def emit(self, line: dict[str, Any]) -> None:
         text = json.dumps(line, separators=(",", ":"))
@@ -319,10 +369,14 @@ class Coordinator:
             self.out.flush()
         if not self.args.quiet and line["kind"] == "agent":
             f = line["failed"]
+            by_reason = ", ".join(f"{r} {n}" for r, n in f.items() if n)
+            pub_errors = line.get("publish_errors", 0)
             print(
                 f"[agent {line['agent']}] t={line['elapsed_s']:.0f}s planned={line['planned']} "
                 f"started={line['started']} open={line['open']} closed={line['closed']} "
-                f"failed={sum(f.values())} lag={line['lag_ms']:.1f}ms "
+                f"failed={sum(f.values())}{f' ({by_reason})' if by_reason else ''} "
+                f"{f'publish_errors={pub_errors} ' if pub_errors else ''}"
+                f"lag={line['lag_ms']:.1f}ms "
                 f"cpu={'/'.join(str(round(p['cpu_percent'])) for p in line['procs'])}%"
                 f"{' SATURATED' if line['saturated'] else ''}",
                 file=sys.stderr,
@@ -356,6 +410,14 @@ class Coordinator:
                 continue
             if "tick" in data:
                 self.merger.add(k, data)
+                error = data.get("http_error")
+                if error and not self.http_error_told:  # the first of all the processes' ones
+                    self.http_error_told = True
+                    kind = SessionKind(self.args.session)
+                    print(
+                        f"lab.agent: {describe_http_failure(kind, error['status'], error['url'])}",
+                        file=sys.stderr,
+                    )
                 if data.get("final"):
                     self.reasons[k] = str(data.get("reason", ""))
 
@@ -363,7 +425,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         args = self.args
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signal, "signal")
+            loop.add_signal_handler(sig, self._signal, sig.name)
         for cfg in self.cfgs:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -403,7 +465,12 @@ class Coordinator:
                         c.send_signal(signal.SIGTERM)
                 await c.wait()
             self._join_records()
-            print("lab.agent: stopped by a signal before the start", file=sys.stderr)
+            flushed = f": records flushed to {args.records}" if args.records else ""
+            print(
+                f"lab.agent: stopped by {self.stop_reason} before the start, no connection "
+                f"opened{flushed}",
+                file=sys.stderr,
+            )
             return 0
         start_at = args.start_at if args.start_at is not None else time.time() + 0.5
         if start_at < time.time() - 1.0:
@@ -445,6 +512,13 @@ class Coordinator:
         if publisher is not None and pub_task is not None:
             publisher.stop()
             await pub_task
+            if publisher.errors:  # the first one was told as it happened
+                print(
+                    f"lab.agent: publish: {publisher.errors} of "
+                    f"{publisher.errors + publisher.msgs_out} messages failed "
+                    "(the first error is above)",
+                    file=sys.stderr,
+                )
         return self._end(publisher)
 
     def _end(self, publisher: Publisher | None) -> int:
@@ -453,6 +527,13 @@ class Coordinator:
             k for k, c in enumerate(self.children) if c.returncode != 0 or k not in self.reasons
         ]
         reasons = set(self.reasons.values())
+        # the signal this process got (SIGINT from a terminal reaches it as itself, and its
+        # load processes as the SIGTERM it forwards), else one a load process got directly
+        signals = sorted(r for r in reasons if r.startswith("SIG"))
+        if self.stop_reason.startswith("SIG"):
+            signame = self.stop_reason
+        else:
+            signame = signals[0] if signals else ""
         line = self.merger.line("agent_end", publisher)
         line["saturated_any"] = self.merger.saturated_ever
         if crashed:
@@ -463,14 +544,20 @@ class Coordinator:
                     f"(codes {[self.children[k].returncode for k in crashed]})"
                 ),
             )
-        elif self.stop_reason == "signal" or "signal" in reasons:
-            line["outcome"], line["reason"] = "interrupted", "signal"
+        elif signame:
+            line["outcome"], line["reason"] = "interrupted", signame
         elif "max_duration" in reasons or self.stop_reason == "max_duration":
             line["outcome"], line["reason"] = "interrupted", "max_duration"
         else:
             line["outcome"], line["reason"] = "completed", ""
         self._join_records()
         self.emit(line)
+        if signame and not crashed:
+            dst = self.args.records
+            flushed = f"records flushed to {dst}" if dst else "no --records to flush"
+            print(
+                f"lab.agent: stopped by {signame}: connections closed, {flushed}", file=sys.stderr
+            )
         return 1 if crashed else 0
 
     def _join_records(self) -> None:

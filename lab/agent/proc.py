@@ -11,7 +11,10 @@ What it is for: the coordinator (``lab.agent.coordinator``) starts ``--procs`` o
   coordinator is gone: stop cleanly;
 - stdout: ``{"tick": k, ...}`` once a second at ``start_at + k`` with the cumulative counters,
   the histograms of the interval, lag, CPU and USS; the last one has ``"final": true`` and
-  ``"reason"``. Then the process writes its records to ``records_path`` and exits 0.
+  ``"reason"`` (completed, max_duration, coordinator_gone, or the signal: SIGTERM / SIGINT);
+  the first line after an HTTP answer failed a session carries ``"http_error": {"status",
+  "url"}`` (status 0: not HTTP). Then the process writes its records to ``records_path`` and
+  exits 0.
 
 SIGTERM / SIGINT (or ``max_duration_s``): stop launching, close every connection cleanly
 (the server closes first for WebSockets), flush the last line and the records, exit 0.
@@ -149,6 +152,7 @@ class LoadProcess:
             for t in (self.targets[p // self.n_sources],)
         ]
         self.sh = Shared(self.records, tuple(cfg.get("subscribe") or ()))
+        self.http_error_sent = False
         self.close_order = sorted(range(n), key=self.sched.close_s.__getitem__)
         self.connect_timeout_s = float(cfg.get("connect_timeout_s", 10.0))
         self.max_duration_s = cfg.get("max_duration_s")
@@ -323,6 +327,12 @@ class LoadProcess:
             "delivery_hist": self.sh.delivery_hist.to_json(),
             "read_hist": self.sh.read_hist.to_json(),
         }
+        if self.sh.http_error is not None and not self.http_error_sent:
+            # once: the coordinator prints the first one it gets (the line's fields stay as is)
+            status, tgt = self.sh.http_error
+            url = next(u for t, u in zip(self.targets, self.cfg["urls"], strict=True) if t is tgt)
+            line["http_error"] = {"status": status, "url": url}
+            self.http_error_sent = True
         if final:
             line["final"] = True
             line["reason"] = self.reason
@@ -391,7 +401,7 @@ class LoadProcess:
         for i in range(len(sched)):
             self.records.scheduled[i] = start_at + sched.open_s[i]
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._finish, "signal")
+            loop.add_signal_handler(sig, self._finish, sig.name)
         if self.max_duration_s:
             loop.call_at(self.t0 + float(self.max_duration_s), self._finish, "max_duration")
         self.ps.cpu_percent(None)

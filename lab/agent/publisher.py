@@ -5,6 +5,8 @@ reordered messages from the per-channel ids the server assigns. Runs in the coor
 HTTP/1.1 keep-alive connection (reconnecting when the server closes it), one request at a
 time, on an open schedule: message ``n`` is due at ``start + n / rate``; when behind it
 sends at once and the lag shows in ``lag_ms``. Bounded by ``count`` and by ``stop()``.
+The first failed publish is told on stderr at once (the status or the error, and the fix);
+after it only ``errors`` counts them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -106,10 +109,41 @@ class Publisher:
         self.errors = 0
         self.lag_max_s = 0.0
         self.last_id: int | None = None
+        self.first_error: str | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _error(self, text: str) -> None:
+        """Count a failed publish; tell the first one (one line, not one per message)."""
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = text
+            print(f"lab.agent: publish: {text}", file=sys.stderr, flush=True)
+
+    def _refusal(self, status: int) -> str:
+        if status in (401, 403):
+            fix = (
+                "the server refused the token: give --publish-token the server's token"
+                if self.spec.token
+                else "the server needs a publish token: give --publish-token (the server's)"
+            )
+        elif status == 404:
+            fix = "not a publish endpoint (lab serve: /pub/<channel>)"
+        elif status == 413:
+            fix = "the body is too large for the server: lower --payload-bytes"
+        else:
+            fix = "see the server's log"
+        return f"HTTP {status} from {self.spec.url}: {fix}"
+
+    def _failure(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"no answer from {self.spec.url} in time: is the server overloaded?"
+        if isinstance(exc, httptools.HttpParserError):
+            return f"no HTTP answer from {self.spec.url}: is it an HTTP server's port?"
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot publish to {self.spec.url} ({why}): is the server up?"
 
     async def _connect(self) -> _Response:
         loop = asyncio.get_running_loop()
@@ -141,14 +175,14 @@ class Publisher:
                 assert conn.tr is not None
                 conn.tr.write(req)
                 status = await asyncio.wait_for(conn.waiter, 10.0)
-            except (OSError, TimeoutError, httptools.HttpParserError):
-                self.errors += 1
+            except (OSError, TimeoutError, httptools.HttpParserError) as exc:
+                self._error(self._failure(exc))
                 if conn is not None and conn.tr is not None:
                     conn.tr.abort()
                 conn = None
                 continue
             if status != 200:
-                self.errors += 1
+                self._error(self._refusal(status))
                 continue
             self.msgs_out += 1
             self.bytes_out += len(req)

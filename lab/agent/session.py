@@ -14,7 +14,8 @@ Kinds (``SessionKind``):
   lost / duplicated / reordered counts, ``data`` = ``{"ts": unix_s, "seq": n}`` gives the
   delivery latency. Frames are parsed with ``websockets.frames.Frame.parse``.
 - ``generic``: any WebSocket URL: upgrade and hold; frames counted, pings answered.
-- ``longpoll``: HTTP/1.1 keep-alive loop of ``GET /lp?channel=..&since=..``; connected = TCP up.
+- ``longpoll``: HTTP/1.1 keep-alive loop of ``GET /lp?channel=..&since=..``; connected = TCP up
+  (a connection whose first poll is refused, e.g. 404, is then a failure, reason http).
 - ``sse``: ``GET /sse``; connected = response headers (200) received; events parsed here
   (``id:`` / ``data:`` lines, the trivial text/event-stream format), body via ``httptools``.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import math
 import time
 from typing import Any
 
@@ -43,6 +45,8 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 WINDOW = 64  # ids remembered per channel for duplicate / reorder detection
 WINDOW_MASK = (1 << WINDOW) - 1
 OK = int(Outcome.OK)
+PENDING = int(Outcome.PENDING)
+NAN = math.nan
 _TS_PREFIX = '{"ts":'
 _loads = orjson.loads  # bytes in, about 2.5x json.loads on an envelope; ValueError when invalid
 
@@ -94,6 +98,7 @@ class Shared:
         "counters",
         "delivery_hist",
         "expected",
+        "http_error",
         "pending",
         "read_hist",
         "records",
@@ -119,6 +124,9 @@ class Shared:
         self.expected: dict[str, int] = {}
         # per Sec-WebSocket-Accept value, the last whole 101 response checked for it
         self.upgrades: dict[bytes, bytes] = {}
+        # the first HTTP answer that failed a session (status, 0 when not HTTP) and where: the
+        # process reports it once, so that the user reads which status came from which URL
+        self.http_error: tuple[int, Target] | None = None
         self.close_frame = Frame(OP_CLOSE, Close(1000, "").serialize()).serialize(mask=True)
         self.subscribe_frames = b"".join(
             Frame(OP_TEXT, json.dumps({"subscribe": ch}).encode()).serialize(mask=True)
@@ -138,6 +146,22 @@ class Shared:
         rec.outcome[i] = outcome
         self.pending.pop(i, None)
         self.conns[i] = None
+
+    def http_failed(self, status: int, tgt: Target) -> None:
+        """A session failed on an HTTP answer with ``status`` (0: the answer was not HTTP)."""
+        if self.http_error is None:
+            self.http_error = (status, tgt)
+
+    def not_connected(self, i: int) -> None:
+        """Undo ``connected(i)``: the connection turned out never to have worked (a long-poll
+        whose first poll was refused). Its connect_hist sample stays: a histogram cannot give
+        one back, and it did time a TCP handshake."""
+        rec = self.records
+        rec.connected[i] = NAN
+        rec.outcome[i] = PENDING
+        c = self.counters
+        c.connected -= 1
+        c.open -= 1
 
     def connected(self, i: int) -> None:
         """Connection ``i`` is up (for a WebSocket: the 101 was read), at the kernel's receive
@@ -351,6 +375,7 @@ class WebSocketClient(Client):
                 self._upgraded(data[up.args[0] :])
                 return
             except httptools.HttpParserError:
+                self.sh.http_failed(0, self.tgt)  # unless on_headers_complete named the status
                 self.fail(Outcome.HTTP)
             return
         if self.st >= State.DONE:
@@ -358,11 +383,15 @@ class WebSocketClient(Client):
         self._frames(data)
 
     def on_headers_complete(self) -> None:
-        if self.aux.get_status_code() != 101:
+        status = self.aux.get_status_code()
+        if status != 101:
+            self.sh.http_failed(status, self.tgt)
             raise ValueError("not an upgrade")  # surfaces as HttpParserError: an HTTP failure
 
     def _upgraded(self, rest: bytes) -> None:
         if self.chs is None or (self.aux is not None and self.aux.get_status_code() != 101):
+            # a 101 without the right Sec-WebSocket-Accept
+            self.sh.http_failed(self.aux.get_status_code() if self.aux else 101, self.tgt)
             self.fail(Outcome.HTTP)
             return
         self.aux = None
@@ -514,12 +543,13 @@ class _HttpClient(Client):
         try:
             self.aux[0].feed_data(data)
         except httptools.HttpParserError:
+            self.sh.http_failed(0, self.tgt)
             self.fail(Outcome.HTTP)
 
 
 class LongPollClient(_HttpClient):
     """``longpoll``: a keep-alive loop of GET /lp?channel=&since=&timeout= on one connection.
-    ``aux`` is ``[parser, body, since]`` while the connection lives."""
+    ``aux`` is ``[parser, body, since, first poll unanswered]`` while the connection lives."""
 
     __slots__ = ()
 
@@ -527,8 +557,21 @@ class LongPollClient(_HttpClient):
         self.tr = transport
         self.st = State.OPEN
         self.sh.connected(self.i)
-        self.aux = [httptools.HttpResponseParser(self), bytearray(), None]
+        self.aux = [httptools.HttpResponseParser(self), bytearray(), None, True]
         self._poll()
+
+    def fail(self, outcome: Outcome) -> None:
+        aux = self.aux
+        if outcome is Outcome.HTTP and aux is not None and aux[3] and self.st == State.OPEN:
+            # Refused on its first poll (404, garbage): the session never worked. Counted as
+            # connected when TCP came up (what "connected" means for long-poll, so that a poll
+            # waiting 25 s for a message is open meanwhile), it becomes a failure (reason http)
+            # as a refused WebSocket upgrade or SSE request is, not a drop: connected + failed
+            # + pending stays the connections started, and the record (outcome http, no
+            # connected time) says the same as the counters. A second's line may have shown it
+            # connected: the answer usually comes in the same millisecond.
+            self.sh.not_connected(self.i)
+        super().fail(outcome)
 
     def _poll(self) -> None:
         since = self.aux[2]
@@ -560,8 +603,10 @@ class LongPollClient(_HttpClient):
                     if ch == self.tgt.channel:
                         aux[2] = max(aux[2] or 0, env["id"])
         elif status != 204:
+            self.sh.http_failed(status, self.tgt)
             self.fail(Outcome.HTTP)
             return
+        aux[3] = False  # answered: the session works
         if self.st == State.OPEN:
             self._poll()
 
@@ -581,7 +626,9 @@ class SSEClient(_HttpClient):
         self.sh.counters.bytes_out += len(self.tgt.request)
 
     def on_headers_complete(self) -> None:
-        if self.aux[0].get_status_code() != 200:
+        status = self.aux[0].get_status_code()
+        if status != 200:
+            self.sh.http_failed(status, self.tgt)
             self.fail(Outcome.HTTP)
             return
         self.st = State.OPEN

@@ -3,6 +3,7 @@
 What it is for: the load process builds one ``Target`` per ``--url`` before the start, so that
 each connection only writes bytes prepared in advance (the WebSocket upgrade request with a
 fixed key and its expected ``Sec-WebSocket-Accept``, the SSE or first long-poll request).
+``describe_http_failure`` says what a destination's failing HTTP answer likely means.
 """
 
 from __future__ import annotations
@@ -86,3 +87,37 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
         request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return Target(kind, host, port, path, query, channel, request, accept, family)
+
+
+# where lab serve answers each session kind, for the hint of a 404
+_ENDPOINTS = {
+    SessionKind.WEBSOCKET: "a WebSocket endpoint (lab serve: /ws)",
+    SessionKind.GENERIC: "a WebSocket endpoint (lab serve: /ws)",
+    SessionKind.LONGPOLL: "a long-poll endpoint (lab serve: /lp)",
+    SessionKind.SSE: "an SSE endpoint (lab serve: /sse)",
+}
+
+
+def describe_http_failure(kind: SessionKind, status: int, url: str) -> str:
+    """One line on an HTTP answer that failed a session (``status`` 0: not HTTP at all), with
+    the likely cause and fix, e.g. ``HTTP 404 from ws://…/x: not a WebSocket endpoint (…)``."""
+    websocket = kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC)
+    if status == 0:
+        return f"no HTTP answer from {url}: is an HTTP server listening on that port?"
+    if websocket and status == 101:
+        hint = "the upgrade's Sec-WebSocket-Accept is missing or wrong: not a WebSocket server"
+    elif status == 404 or (websocket and status < 300) or status == 405:
+        hint = f"not {_ENDPOINTS[kind]}"
+    elif 300 <= status < 400:
+        hint = "a redirect: give the URL it points to"
+    elif status in (401, 403):
+        hint = "the server wants credentials, which the agent does not send"
+    elif status == 400:
+        hint = "the server refused the request: check the URL's path and query (?channel=NAME)"
+    elif status in (429, 503):
+        hint = "the server is shedding load: see its log, or lower --rate"
+    elif status >= 500:
+        hint = "the server failed: see its log"
+    else:
+        hint = "the server refused the request: see its log"
+    return f"HTTP {status} from {url}: {hint}"
