@@ -212,7 +212,7 @@ def plan_host_findings(
 ) -> list[Finding]:
     """What the plan asks of each agent host that its facts can refuse: source addresses it
     cannot bind (fail), a rate its cores cannot drive (warn). ``lab run`` checks these too."""
-    from lab.agent.capacity import RATE_PER_PROCESS
+    from lab.agent.capacity import RATE_PER_PROCESS_WARN
     from lab.plan import agent_shares
 
     out: list[Finding] = []
@@ -231,15 +231,15 @@ def plan_host_findings(
                     )
                 )
         cores = _int(facts.get("cpu_affinity")) or _int(facts.get("cpu_count"))
-        if cores and share.rate_per_s > cores * RATE_PER_PROCESS:
+        if cores and share.rate_per_s > cores * RATE_PER_PROCESS_WARN:
             out.append(
                 Finding(
                     share.host,
                     "agent rate",
                     Level.WARN,
                     f"{share.rate_per_s:,.0f}/s on {cores} core(s)",
-                    f"past the ~{RATE_PER_PROCESS:,.0f}/s one core's agent process keeps to "
-                    "its schedule: expect schedule lag and a ramp below plan",
+                    f"past the ~{RATE_PER_PROCESS_WARN:,.0f}/s per core beyond which an agent "
+                    "process falls behind its schedule: expect schedule lag and a ramp below plan",
                     "lower the rate or spread it over more agent hosts",
                 )
             )

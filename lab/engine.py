@@ -152,7 +152,7 @@ class Engine:
             self.reason = self.stop_reason or "interrupted"
         except Exception as exc:
             self.outcome, self.reason = Outcome.FAILED, describe(exc)
-            if not isinstance(exc, RunFailed):  # unexpected: keep the whole traceback
+            if is_bug(exc):  # unexpected: keep the whole traceback
                 self._log_traceback(exc)
         self.progress.stage(
             f"stopping ({self.outcome.value}{': ' + self.reason if self.reason else ''})"
@@ -192,7 +192,8 @@ class Engine:
                 f.write("".join(traceback.format_exception(exc)))
         except OSError:
             return
-        self._note("the controller's traceback of this error is in logs/controller.log")
+        if not any("logs/controller.log" in n for n in self.record.get("notes", [])):
+            self._note("the controller's traceback of this error is in logs/controller.log")
 
     def _note(self, text: str) -> None:
         self.record.setdefault("notes", []).append(text)
@@ -257,6 +258,8 @@ class Engine:
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
+            if isinstance(r, Exception) and is_bug(r):
+                self._log_traceback(r)
         if errors:
             raise RunFailed("; ".join(errors))
 
@@ -342,7 +345,7 @@ class Engine:
                 self._note(f"{name}: check {_finding_text(f)}")
         failed = [_finding_text(f) for f in findings if f.level is Level.FAIL]
         if failed:
-            raise RunFailed(f"{name}: host check failed: " + "; ".join(failed))
+            raise RunFailed("host check failed: " + "; ".join(failed))  # _each names the host
 
     async def _settle_time_wait(self, name: str, conn: HostConnection) -> None:
         """Wait (bounded) for an earlier run's TIME_WAIT sockets on the host to expire;
@@ -698,6 +701,14 @@ def _finding_text(f: Finding) -> str:
     if f.message:
         text += f": {f.message}"
     return text + (f" (fix: {f.fix})" if f.fix else "")
+
+
+def is_bug(exc: BaseException) -> bool:
+    """An error that comes from the lab's code itself, not from a host, a network or an input:
+    worth its whole traceback (logs/controller.log)."""
+    return isinstance(
+        exc, AssertionError | LookupError | TypeError | AttributeError | NameError | ArithmeticError
+    )
 
 
 def describe(exc: BaseException) -> str:

@@ -24,12 +24,12 @@ from lab.comet.protocol import (
     Outgoing,
     Route,
     Sequencer,
+    SseCursor,
     Target,
     http_response,
     lp_body,
     parse_command,
     parse_target,
-    sse_cursor_event,
     ws_close_frame,
 )
 from lab.limits import HostLimits
@@ -106,18 +106,19 @@ def test_a_single_id_for_several_channels_is_refused_naming_the_fix() -> None:
         parse_target("GET", "/sse?channel=mx&channel=my", last_event_id="5")
     assert info.value.status == 400 and "ids are per channel" in info.value.message
     assert '{"mx": 5, "my": 0}' in info.value.message
-    for bad in ('{"mx": -1}', '{"mx": "5"}', "[5]", "{nope"):
+    # a channel the request does not name (a typo) is refused, not silently not caught up
+    for bad in ('{"mx": -1}', '{"mx": "5"}', "[5]", "{nope", '{"mz": 3}'):
         with pytest.raises(HttpError) as info:
             parse_target("GET", "/lp?" + urlencode({"channel": "mx", "since": bad}))
         assert info.value.status == 400, bad
 
 
 def test_sse_event_ids_of_a_multi_channel_stream_are_its_position_on_each_channel() -> None:
-    cursor = {"mx": 5, "mé": 0}
-    event = sse_cursor_event(cursor, Outgoing(Message("mé", 1, "d")))
+    cursor = SseCursor({"mx": 5, "mé": 0})
+    event = cursor.event(Outgoing(Message("mé", 1, "d")))
     raw_head, raw_data = event.split(b"\n")[:2]
     head, data = raw_head.decode("ascii"), raw_data.decode("utf-8")
-    assert cursor == {"mx": 5, "mé": 1}
+    assert cursor.ids == {"mx": 5, "mé": 1}
     # the id is ASCII JSON (a browser sends it back as Last-Event-ID, a latin-1 header)
     assert json.loads(head.removeprefix("id: ")) == {"mx": 5, "mé": 1}
     assert json.loads(data.removeprefix("data: "))["id"] == 1

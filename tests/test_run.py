@@ -243,15 +243,19 @@ def test_a_host_that_fails_lab_doctors_checks_stops_the_run_before_any_load(
     assert run_processes(record["run_id"]) == {}
 
 
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("lab.plan", "make_plan"), ("lab.engine", "check_host")],  # once, and on every host
+)
 def test_an_unexpected_error_keeps_its_traceback_in_the_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, name: str
 ) -> None:
-    import lab.plan
+    import importlib
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         return {}["no such key"]  # a bug, as the engine would meet one
 
-    monkeypatch.setattr(lab.plan, "make_plan", broken)
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
     folder = run_or_load(TINY, results_dir=tmp_path / "run")
     record = json.loads((folder / "run.json").read_text())
     assert record["outcome"] == "failed" and "KeyError" in record["reason"]

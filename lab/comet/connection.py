@@ -22,12 +22,12 @@ from lab.comet.protocol import (
     HttpError,
     Outgoing,
     Route,
+    SseCursor,
     Target,
     error_body,
     http_response,
     lp_body,
     parse_target,
-    sse_cursor_event,
 )
 from lab.comet.websocket import WsConn
 
@@ -133,6 +133,7 @@ class HttpConn(asyncio.Protocol):
         "queue",
         "raw_head",
         "req",
+        "rest",
         "timer",
         "transport",
         "url",
@@ -156,9 +157,10 @@ class HttpConn(asyncio.Protocol):
         self.keep = False
         self.channels: tuple[str, ...] = _EMPTY
         self.timer: asyncio.TimerHandle | None = None
-        self.cursor: dict[str, int] | None = None  # an SSE stream of several channels
+        self.cursor: SseCursor | None = None  # an SSE stream of several channels
         self.head_only = False  # answering a HEAD request: no body
         self.idle_tick = worker.ticks  # when it began to wait for a request; -1: busy
+        self.rest: bytes | None = None  # what came after an upgrade request, for the WebSocket
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -191,15 +193,17 @@ class HttpConn(asyncio.Protocol):
         parser = self.parser
         if parser is None or self.mode is Mode.SSE or self.mode is Mode.CLOSING:
             return
+        if self.rest is not None:  # an upgrade is waiting its turn: these are WebSocket bytes
+            self.rest += data
+            return
         if self.mode is Mode.LP and len(self.queue) >= MAX_QUEUED and self.transport is not None:
             self.transport.pause_reading()  # resumed once the long-poll is answered
         if self.in_head:
             self.raw_head += len(data)
-        leftover: bytes | None = None
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            leftover = data[exc.args[0] :]
+            self.rest = data[exc.args[0] :]
         except httptools.HttpParserError as exc:
             if self.error is not None:
                 self._fail(*self.error)
@@ -210,7 +214,7 @@ class HttpConn(asyncio.Protocol):
             # the head is still incomplete after this many bytes (llhttp buffers partial lines)
             self._fail(431, f"request head over {self.worker.max_head_bytes} bytes")
             return
-        self._process(leftover)
+        self._process()
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -231,6 +235,9 @@ class HttpConn(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         field = _HEADER_FIELDS.get(name.lower())
         if field is not None:
+            if field == "host" and self.req is not None and self.req.host is not None:
+                self.error = (400, "two Host headers")  # RFC 9112 §3.2
+                raise HeadTooLarge
             setattr(self.req, field, value)
 
     def on_headers_complete(self) -> None:
@@ -283,10 +290,11 @@ class HttpConn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ requests
 
-    def _process(self, leftover: bytes | None = None) -> None:
+    def _process(self) -> None:
         while self.queue and self.mode is Mode.IDLE and self.transport is not None:
             req = self.queue.pop(0)
             self.idle_tick = -1
+            self.head_only = req.method == "HEAD"
             if req.version != "1.1" and req.version != "1.0":
                 self._fail(400, f"HTTP/{req.version} is not served: send an HTTP/1.1 request")
                 return
@@ -294,7 +302,8 @@ class HttpConn(asyncio.Protocol):
                 self._fail(400, "an HTTP/1.1 request needs a Host header")
                 return
             if req.upgrade:
-                self._upgrade(req, leftover or b"")
+                rest, self.rest = self.rest or b"", None
+                self._upgrade(req, rest)
                 return
             self._handle(req)
         if self.mode is Mode.IDLE and not self.queue:
@@ -304,7 +313,6 @@ class HttpConn(asyncio.Protocol):
         worker = self.worker
         worker.messages += 1
         self.keep = req.keep_alive
-        self.head_only = req.method == "HEAD"
         if req.method == "OPTIONS":  # a browser's CORS preflight (e.g. POST with Authorization)
             self._respond(204, b"", req.keep_alive, CORS_PREFLIGHT)
             return
@@ -409,12 +417,13 @@ class HttpConn(asyncio.Protocol):
         messages = hub.catch_up(target)
         if len(target.channels) == 1:
             events = [Outgoing(m).sse_event for m in messages]
-        else:  # event ids are the stream's position on each channel (sse_cursor_event)
-            cursor = self.cursor = {}
+        else:  # event ids are the stream's position on each channel (SseCursor)
+            start = {}
             for channel in target.channels:
                 since = target.since_of(channel)
-                cursor[channel] = hub.last_id(channel) if since is None else since
-            events = [sse_cursor_event(cursor, Outgoing(m)) for m in messages]
+                start[channel] = hub.last_id(channel) if since is None else since
+            cursor = self.cursor = SseCursor(start)
+            events = [cursor.event(Outgoing(m)) for m in messages]
         transport.write(SSE_HEAD + b"retry: 1000\n\n" + b"".join(events))
         self._join_channels(target.channels)
 
@@ -456,7 +465,7 @@ class HttpConn(asyncio.Protocol):
             return
         if self.mode is Mode.SSE:
             cursor = self.cursor
-            transport.write(out.sse_event if cursor is None else sse_cursor_event(cursor, out))
+            transport.write(out.sse_event if cursor is None else cursor.event(out))
         elif self.mode is Mode.LP:
             self._leave_channels()
             if self.timer is not None:
@@ -487,6 +496,8 @@ class HttpConn(asyncio.Protocol):
         """The worker's sweep: no complete request within ``--request-timeout`` (408), or
         idle that long between requests (closed without a word, as keep-alive ends)."""
         self.idle_tick = -1
+        if self.mode is not Mode.IDLE:
+            return
         if self.req is not None:  # a request was under way
             self._fail(408, f"no complete request in {self.worker.request_timeout_s:g} s")
         elif self.transport is not None:
@@ -527,6 +538,7 @@ class HttpConn(asyncio.Protocol):
         """Answer an error and close the connection cleanly."""
         transport = self.transport
         self.mode = Mode.CLOSING
+        self.idle_tick = -1  # not waiting for a request any more: the sweep leaves it alone
         self.parser = None
         self.queue.clear()
         self._leave_channels()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -107,13 +106,24 @@ class Outgoing:
         return self._sse
 
 
-def sse_cursor_event(cursor: dict[str, int], out: Outgoing) -> bytes:
-    """An event of an SSE stream of several channels: its id is the stream's position on each
-    of its channels (``cursor``, moved on by this message), as a JSON object in ASCII."""
-    message = out.message
-    cursor[message.channel] = message.id
-    position = json.dumps(cursor, separators=(",", ":")).encode()
-    return b"id: %s\ndata: %s\n\n" % (position, out.json)
+class SseCursor:
+    """Where an SSE stream of several channels is on each of them: its events' ids are this
+    position, a JSON object in ASCII (``{"A":5,"B":2}``), which a reconnecting EventSource
+    sends back as Last-Event-ID. The channels' JSON keys are encoded once per stream."""
+
+    __slots__ = ("ids", "keys")
+
+    def __init__(self, start: dict[str, int]) -> None:
+        self.ids = dict(start)
+        self.keys = {channel: json.dumps(channel).encode() for channel in start}
+
+    def event(self, out: Outgoing) -> bytes:
+        """The event of message ``out``, whose id is the position once it is delivered."""
+        message = out.message
+        self.ids[message.channel] = message.id
+        keys = self.keys
+        position = b",".join(b"%s:%d" % (keys[ch], i) for ch, i in self.ids.items())
+        return b"id: {%s}\ndata: %s\n\n" % (position, out.json)
 
 
 def ws_text_frame(payload: bytes) -> bytes:
@@ -387,6 +397,13 @@ def _since(
                 "since/Last-Event-ID as a JSON object must map channels to ids >= 0, "
                 f'e.g. {{"A": 5, "B": 2}}; got {value[:60]!r}',
             )
+        unknown = [k for k in obj if k not in channels]
+        if unknown:
+            raise HttpError(
+                400,
+                f"since/Last-Event-ID names {unknown[0][:40]!r}, which is not a ?channel= of this "
+                "request: give ids only for the request's channels",
+            )
         return None, tuple((ch, obj[ch]) for ch in channels if ch in obj)
     try:
         since = int(value)
@@ -450,7 +467,7 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
             timeout_s = float(timeout) if timeout else DEFAULT_LP_TIMEOUT_S
         except ValueError:
             raise HttpError(400, f"timeout must be seconds, got {timeout[:40]!r}") from None
-        if not 0 <= timeout_s <= MAX_LP_TIMEOUT_S or math.isnan(timeout_s):
+        if not 0 <= timeout_s <= MAX_LP_TIMEOUT_S:  # NaN fails it too
             raise HttpError(400, f"timeout must be between 0 and {MAX_LP_TIMEOUT_S:g} s")
         channels = _channels(query, required=True)
         since, since_by = _since(query.get("since", [""])[-1], channels)

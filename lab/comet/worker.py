@@ -224,7 +224,9 @@ class Worker:
     def _tick(self) -> None:
         self.ticks += 1
         if self.request_timeout_s > 0:
-            self._sweep(self.ticks - math.ceil(self.request_timeout_s))
+            # idle since tick t = since some time in (t - 1, t]: at least the timeout has passed
+            # once t <= ticks - ceil(timeout) - 1
+            self._sweep(self.ticks - math.ceil(self.request_timeout_s) - 1)
         events = self.events()
         pcs = events - self._events_last
         self._events_last = events
@@ -294,7 +296,10 @@ class Worker:
         while True:
             await asyncio.sleep(max(0.0, next_t - loop.time()))
             next_t += interval_s
-            fn()
+            try:
+                fn()
+            except Exception:  # a bug here must not stop the figures and sweeps for good
+                log.exception("worker %d: %s failed; going on", self.index, fn.__name__)
 
     def begin_stop(self) -> None:
         """Stop accepting; send every WebSocket close 1001; end long-polls and SSE streams."""
