@@ -191,14 +191,18 @@ def test_refusals_name_the_problem_and_the_fix(args: list[str], message: str) ->
 
 def test_bad_plan_file(tmp_path: Path) -> None:
     plan = tmp_path / "bad.json"
-    plan.write_text(json.dumps({"phases": [{"kind": "ramp", "rate_per_s": 10}]}))
-    p = subprocess.run(
-        [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+
+    def run_plan(doc: dict) -> subprocess.CompletedProcess[str]:
+        plan.write_text(json.dumps(doc))
+        return subprocess.run(
+            [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    p = run_plan({"phases": [{"kind": "ramp", "rate_per_s": 10}]})
     assert p.returncode == 2 and "phases[0] (ramp): give exactly one of until" in p.stderr
     # phases count from 0 as everywhere else (phases.0.rate_per_s); a typo gets the closest key
     for doc, message in [
@@ -213,14 +217,7 @@ def test_bad_plan_file(tmp_path: Path) -> None:
         ({"phases": [{"kind": "rmap"}]}, "phases[0]: kind 'rmap': did you mean `ramp`?"),
         ({"phases": [], "arival": "poisson"}, "unknown key `arival`: did you mean `arrival`?"),
     ]:
-        plan.write_text(json.dumps(doc))
-        p = subprocess.run(
-            [PY, "-m", "lab.agent", "--url", "ws://127.0.0.1:9/ws", "--plan", str(plan)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
+        p = run_plan(doc)
         assert p.returncode == 2 and f"--plan {plan}: {message}" in p.stderr, p.stderr
 
 
