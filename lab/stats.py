@@ -364,15 +364,27 @@ def connections_frame(tables: Tables) -> pd.DataFrame:
         )
         per_agent["series"] = per_agent["series"].astype(str)
         total = _agent_total(agent, "open")
+        # drawn at the latest report summed in each second, not at the second's start (which
+        # would put the total up to a second before the agents' own lines)
+        when = agent.groupby(np.floor(agent["t"].astype("float64")))["t"].max()
         parts += [
             per_agent,
-            pd.DataFrame({"t": total.index, "series": "total", "connections": total.to_numpy()}),
+            pd.DataFrame(
+                {
+                    "t": when.reindex(total.index).to_numpy(),
+                    "series": "total",
+                    "connections": total.to_numpy(),
+                }
+            ),
         ]
     server = tables.server
     if len(server):
-        online = server.assign(sec=np.floor(server["t"])).groupby("sec")["online"].sum()
+        by_sec = server.groupby(np.floor(server["t"].astype("float64")))
+        online, when = by_sec["online"].sum(), by_sec["t"].max()
         parts.append(
-            pd.DataFrame({"t": online.index, "series": "server online", "connections": online})
+            pd.DataFrame(
+                {"t": when.to_numpy(), "series": "server online", "connections": online.to_numpy()}
+            )
         )
     if not parts:
         return pd.DataFrame(

@@ -323,3 +323,20 @@ def test_environment_frame(synthetic: Tables) -> None:
     assert env.loc["cpu_model", "local"] == "Test CPU"
     assert env.loc["sysctls: net.core.somaxconn", "local"] == "4096"
     assert env.loc["git_commit", "controller"] == "0" * 40
+
+
+def test_the_total_is_drawn_when_the_agents_reported_it() -> None:
+    # one agent reporting at x.85 s: its line and the total are the same points, at the same
+    # times (not floored to the second, which drew the total 0.85 s early)
+    agent = pd.DataFrame({"t": [100.85, 101.85, 102.85], "agent": ["a0"] * 3, "open": [10, 20, 30]})
+    server = pd.DataFrame(
+        {"t": [101.4, 101.4, 102.4, 102.4], "worker": [0, 1, 0, 1], "online": [5, 5, 10, 10]}
+    )
+    frame = stats.connections_frame(make_tables(agent=agent, server=server))
+    by = {s: f.sort_values("elapsed_s") for s, f in frame.groupby("series")}
+    assert by["total"]["elapsed_s"].tolist() == by["a0"]["elapsed_s"].tolist()
+    assert by["total"]["connections"].tolist() == [10, 20, 30]
+    online = by["server online"]
+    assert online["connections"].tolist() == [10, 20]  # summed over the workers
+    first = online["elapsed_s"].iloc[0] - by["a0"]["elapsed_s"].iloc[0]
+    assert abs(first - 0.55) < 1e-9  # at the workers' report time, 101.4 s

@@ -54,6 +54,7 @@ class Slot:
         self.ever_ready = False
         self.restarts = 0
         self.reported: dict[str, Any] | None = None
+        self.reported_at = 0.0  # unix time the worker sent those figures (it measured them then)
 
 
 class ParentLink(asyncio.Protocol):
@@ -156,6 +157,7 @@ class Supervisor:
                     s.link.write(data)
         elif op == "stats":
             slot.reported = message
+            slot.reported_at = time.time()
         elif op == "ready":
             slot.ready = slot.ever_ready = True
             if all(s.ready for s in self.slots):
@@ -269,8 +271,11 @@ class Supervisor:
 
     def _line(self) -> ServerLine:
         figures = [worker_figures(s.index, s.pid, s.reported, s.restarts) for s in self.slots]
+        # the line's time is when its figures were measured (the oldest worker report), not
+        # when it is printed: up to a second later, which would shift it against the agents'
+        measured = [s.reported_at for s in self.slots if s.reported is not None]
         return server_line(
-            time.time(),
+            min(measured) if measured else time.time(),
             time.monotonic() - self.started,
             figures,
             self.sequencer.published,
