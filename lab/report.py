@@ -425,16 +425,44 @@ def show_report(folder: Path | str) -> None:
 
 
 def title_markdown(run: Mapping[str, Any], label: str) -> str:
-    """The report's first lines: the run, its experiment and outcome, and the run's notes
-    (a worker that died, a ramp below plan, a host check's warning: what must not be missed)."""
-    experiment = (run.get("experiment") or {}).get("name", "?")
+    """The report's first lines: the run, its experiment and outcome; the thresholds' verdict
+    (a failed one named, beside an outcome that only says the run went to its end); the
+    overrides; the run's notes (a worker that died, a ramp below plan, a host check's
+    warning); where the data is and how to draw this again."""
+    exp = run.get("experiment") or {}
+    path = f" (`{exp['path']}`)" if exp.get("path") else ""
     outcome = run.get("outcome", "?")
     reason = f" — {run['reason']}" if run.get("reason") else ""
-    text = f"**Run** `{label}` · experiment **{experiment}** · outcome **{outcome}**{reason}"
+    lines = [
+        f"**Run** `{label}` · experiment **{exp.get('name', '?')}**{path} · "
+        f"outcome **{outcome}**{reason}"
+    ]
+    verdicts = run.get("thresholds") or []
+    failed = [t for t in verdicts if not t.get("passed")]
+    if verdicts:
+        text = f"**Thresholds: {len(verdicts) - len(failed)} passed"
+        text += f", {len(failed)} FAILED**: " if failed else "**"
+        text += "; ".join(
+            f"{t['name']} {t['op']} {t['value']} (actual "
+            f"{'not measured' if t.get('actual') is None else _fmt(t['actual'])})"
+            for t in failed
+        )
+        lines.append(text)
+    overrides = run.get("overrides") or {}
+    if overrides:
+        lines.append("Overrides: " + " ".join(f"`-p {k}={v}`" for k, v in overrides.items()))
     notes = [str(n) for n in run.get("notes") or []]
     if notes:
-        text += "\n\n**Notes**\n\n" + "\n".join(f"- {n}" for n in notes)
-    return text
+        lines.append("**Notes**\n\n" + "\n".join(f"- {n}" for n in notes))
+    lines.append(
+        f"Data: `run.json`, the Parquet tables, `raw/` and `logs/` in `{label}/` (format: "
+        f"results/README.md); draw this report again with `lab report {label}`."
+    )
+    return "\n\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
 
 def show_compare(folders: Sequence[Path | str]) -> None:

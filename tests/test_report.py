@@ -84,13 +84,31 @@ def test_compare_overlays_each_run(tmp_path: Path) -> None:
     assert [t.name for t in connections.data] == ["run-a", "run-b"]
 
 
-def test_the_title_carries_the_runs_notes() -> None:
+def test_the_title_carries_the_verdict_the_overrides_and_the_notes() -> None:
     run = {
-        "experiment": {"name": "smoke"},
+        "experiment": {"name": "smoke", "path": "experiments/smoke.yaml"},
         "outcome": "completed",
+        "overrides": {"phases.0.rate_per_s": "2000"},
+        "thresholds": [
+            {"name": "connect_errors", "op": "==", "value": 0, "actual": 0, "passed": True},
+            {
+                "name": "delivery_ms_max",
+                "op": "<=",
+                "value": 600,
+                "actual": 606.207,
+                "passed": False,
+            },
+            {"name": "messages_lost", "op": "==", "value": 0, "actual": None, "passed": False},
+        ],
         "notes": ["server: 1 worker restart(s) during the run", "ramp: 6,700 connections/s"],
     }
     text = report.title_markdown(run, "20261127-000000-smoke")
-    assert "outcome **completed**" in text
+    assert "outcome **completed**" in text and "`experiments/smoke.yaml`" in text
+    # a run that went to its end but failed a threshold says so at the top
+    assert "**Thresholds: 1 passed, 2 FAILED**: delivery_ms_max <= 600 (actual 606.2)" in text
+    assert "messages_lost == 0 (actual not measured)" in text
+    assert "`-p phases.0.rate_per_s=2000`" in text
     assert "\n- server: 1 worker restart(s) during the run\n- ramp: 6,700" in text
-    assert "Notes" not in report.title_markdown({**run, "notes": []}, "x")
+    assert "`lab report 20261127-000000-smoke`" in text
+    quiet = report.title_markdown({**run, "notes": [], "thresholds": []}, "x")
+    assert "Notes" not in quiet and "Thresholds" not in quiet
