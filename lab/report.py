@@ -1,7 +1,7 @@
 """The report's figures: plotly drawings of what ``lab.stats`` computed, nothing more.
 
 Each ``*_figure`` function takes the frames ``lab.stats`` returns and gives a
-``plotly.graph_objects.Figure``; ``report_figures(tables)`` gives the nine sections of a run's
+``plotly.graph_objects.Figure``; ``report_figures(tables)`` gives the eleven sections of a run's
 report in order, ``compare_figures(tables_list)`` the overlaid ones of several runs.
 ``show_report(folder)`` and ``show_compare(folders)`` display them in a notebook, embedding
 plotly.js once, so the notebook exported by nbconvert (``lab.publish``) opens offline.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -53,7 +54,7 @@ def table_figure(frame: pd.DataFrame, title: str) -> go.Figure:
     return _layout(fig, title, height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10})
 
 
-# ---------------------------------------------------------------- the nine sections
+# ---------------------------------------------------------------- the eleven sections
 
 
 def summary_figure(summary: Mapping[str, Any], verdicts: Sequence[Mapping[str, Any]]) -> go.Figure:
@@ -182,15 +183,18 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
         connections=("connections", "first"),
         t=("t", "max"),
     )
-    for series, rows in per_series.groupby(level="series"):
+    palette = plotly.colors.qualitative.Plotly
+    for i, (series, rows) in enumerate(per_series.groupby(level="series")):
         rows = rows.droplevel("series")
         name = str(series)
+        color = palette[i % len(palette)]  # one colour per series in both panels
         fig.add_trace(
             go.Scatter(
                 x=rows.index,
                 y=rows["bytes"] / 2**20,
                 name=name,
                 mode="lines",
+                line={"color": color},
                 legendgroup=name,
                 # the whole host's memory dwarfs the roles': one click away in the legend
                 visible="legendonly" if series == "system used" else True,
@@ -210,7 +214,7 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
                 mode="markers",
                 legendgroup=name,
                 showlegend=False,
-                marker={"size": 5},
+                marker={"size": 5, "color": color},
             ),
             row=1,
             col=2,
@@ -222,7 +226,7 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
                 x=xs,
                 y=ys,
                 mode="lines",
-                line={"dash": "dash"},
+                line={"dash": "dash", "color": color},
                 legendgroup=name,
                 name=f"{name}: {fit.bytes_per_conn / 1024:,.2f} KiB/conn",
             ),
@@ -293,8 +297,54 @@ def environment_figure(frame: pd.DataFrame) -> go.Figure:
     return table_figure(frame, "Environment")
 
 
+def sockets_figure(frame: pd.DataFrame) -> go.Figure:
+    """7. Sockets and open files over time, per host (``sockets_frame``)."""
+    fig = go.Figure()
+    hosts = frame["host"].nunique() if len(frame) else 0
+    for (host, series), rows in frame.groupby(["host", "series"], sort=False):
+        name = f"{host}: {series}" if hosts > 1 else str(series)
+        fig.add_trace(go.Scatter(x=rows["elapsed_s"], y=rows["count"], name=name, mode="lines"))
+    return _layout(fig, "Sockets and open files", xaxis_title="time (s)", yaxis_title="count")
+
+
+def messages_figure(messages: pd.DataFrame, fanout: pd.DataFrame) -> go.Figure:
+    """9. Messages per second over time, and each broadcast's fan-out on the server (its
+    slowest worker writing it to all its subscribers) (``messages_frame``, ``fanout_frame``)."""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "messages per second (all agents)",
+            "server fan-out per broadcast (slowest worker)",
+        ),
+    )
+    for series, rows in messages.groupby("series", sort=False):
+        fig.add_trace(
+            go.Scatter(x=rows["elapsed_s"], y=rows["per_s"], name=f"{series} /s", mode="lines"),
+            row=1,
+            col=1,
+        )
+    if len(fanout):
+        fig.add_trace(
+            go.Bar(
+                x=fanout["fanout_id"],
+                y=fanout["fanout_ms"],
+                name="fan-out (ms)",
+                customdata=fanout["subscribers"],
+                hovertemplate="message %{x}: %{y:.0f} ms to %{customdata:,} subscribers",
+            ),
+            row=1,
+            col=2,
+        )
+    fig.update_xaxes(title_text="time (s)", row=1, col=1)
+    fig.update_xaxes(title_text="message id", row=1, col=2)
+    fig.update_yaxes(title_text="messages / s", row=1, col=1, rangemode="tozero")
+    fig.update_yaxes(title_text="ms", row=1, col=2, rangemode="tozero")
+    return _layout(fig, "Messages and broadcasts")
+
+
 def report_figures(tables: Tables) -> list[go.Figure]:
-    """The nine sections of a run's report, in order."""
+    """The eleven sections of a run's report, in order."""
     summary = stats.summarize(tables, tables.run)
     thresholds = tables.run.get("thresholds") or []
     verdicts = stats.evaluate_thresholds(summary, thresholds) if thresholds else []
@@ -306,6 +356,8 @@ def report_figures(tables: Tables) -> list[go.Figure]:
         server_console_figure(stats.server_console_frame(tables)),
         cpu_figure(stats.cpu_core_frame(tables), stats.cpu_role_frame(tables)),
         memory_figure(memory, stats.memory_fits(tables, memory)),
+        sockets_figure(stats.sockets_frame(tables)),
+        messages_figure(stats.messages_frame(tables), stats.fanout_frame(tables)),
         latency_figure(
             stats.latency_frame(tables),
             stats.delivery_frame(tables),
@@ -416,7 +468,7 @@ def show(figures: Sequence[go.Figure]) -> None:
 
 
 def show_report(folder: Path | str) -> None:
-    """Display a run's report in a notebook: its title line, then the nine sections."""
+    """Display a run's report in a notebook: its title line, then the eleven sections."""
     from IPython.display import Markdown, display
 
     tables = stats.load_tables(folder)

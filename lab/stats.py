@@ -395,6 +395,89 @@ def connections_frame(tables: Tables) -> pd.DataFrame:
     return frame.drop(columns="t").reset_index(drop=True)
 
 
+def messages_frame(tables: Tables) -> pd.DataFrame:
+    """Messages per second over time, summed over the agents: elapsed_s, series (``received``:
+    delivered envelopes; ``sent``: what the agents sent, publishes included), per_s."""
+    agent = tables.agent
+    parts = []
+    for column, series in (("msgs_in", "received"), ("msgs_out", "sent")):
+        if agent.empty or agent[column].isna().all():
+            continue
+        total = _agent_total(agent, column)
+        per_s = total.diff().fillna(total).clip(lower=0)
+        parts.append(
+            pd.DataFrame(
+                {"elapsed_s": total.index - run_start(tables), "series": series, "per_s": per_s}
+            )
+        )
+    if not parts:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64") for c in ("elapsed_s", "series", "per_s")}
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def fanout_frame(tables: Tables) -> pd.DataFrame:
+    """Each broadcast's fan-out on the server: fanout_id (the message's id on its channel),
+    fanout_ms (the slowest worker's time to write it to all its subscribers), subscribers
+    (summed over the workers), from the workers' lines (``fanout_id`` names the message)."""
+    server = tables.server
+    if server.empty or server["fanout_id"].isna().all():
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64") for c in ("fanout_id", "fanout_ms", "subscribers")}
+        )
+    rows = server[server["fanout_id"].fillna(0) > 0]
+    keys = ["host", "worker", "fanout_id"]
+    last = rows.sort_values("t").groupby(keys, as_index=False).last()
+    out = last.groupby("fanout_id").agg(
+        fanout_ms=("fanout_ms", "max"), subscribers=("fanout_subscribers", "sum")
+    )
+    return out.reset_index().astype({"fanout_id": "int64"})
+
+
+def sockets_frame(tables: Tables) -> pd.DataFrame:
+    """Sockets and open files over time: elapsed_s, host, series, count. The host's TCP
+    sockets in use, in TIME_WAIT and orphaned (/proc/net/sockstat: in use and TIME_WAIT are
+    the host's network namespace, orphans the whole kernel's), and open files per role."""
+    origin = run_start(tables)
+    parts = []
+    mon = tables.monitor_host
+    for column, series in (
+        ("tcp_inuse", "TCP in use"),
+        ("tcp_tw", "TCP TIME_WAIT"),
+        ("tcp_orphan", "TCP orphaned"),
+    ):
+        if len(mon) and mon[column].notna().any():
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "elapsed_s": mon["t"].astype("float64") - origin,
+                        "host": mon["host"].astype(str),
+                        "series": series,
+                        "count": mon[column].astype("float64"),
+                    }
+                )
+            )
+    procs = tables.monitor_procs
+    if len(procs) and procs["num_fds"].notna().any():
+        fds = procs.groupby(["t", "host", "role"], as_index=False)["num_fds"].sum()
+        parts.append(
+            pd.DataFrame(
+                {
+                    "elapsed_s": fds["t"].astype("float64") - origin,
+                    "host": fds["host"].astype(str),
+                    "series": "open files: " + fds["role"].astype(str),
+                    "count": fds["num_fds"].astype("float64"),
+                }
+            )
+        )
+    if not parts:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64") for c in ("elapsed_s", "host", "series", "count")}
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
 def server_console_frame(tables: Tables) -> pd.DataFrame:
     """The server console per worker: elapsed_s, worker, pid, online, events (so far), pcs
     (events in the last second), restarts."""

@@ -101,7 +101,7 @@ SUMMARY_LAYOUT: tuple[tuple[str, str, str, str, float], ...] = (
     ("connect_errors", "", "connect errors", "", 1),
     ("server_bytes_per_conn", "", "server memory per connection", "KiB", 1024),
     ("agent_bytes_per_conn", "", "agent memory per connection", "KiB", 1024),
-    ("kernel_bytes_per_conn", "", "kernel TCP memory per connection", "KiB", 1024),
+    ("kernel_bytes_per_conn", "", "kernel TCP memory per connection (host-wide)", "KiB", 1024),
     ("server_cpu_us_per_conn", "", "server CPU per new connection", "µs", 1),
     ("agent_cpu_us_per_conn", "", "agent CPU per new connection", "µs", 1),
     ("server_cpu_percent_mean", "", "server CPU, mean", "% of a core", 1),

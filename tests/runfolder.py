@@ -29,6 +29,7 @@ SERVER_BYTES = 5_000.0
 AGENT_BYTES = 3_000.0
 KERNEL_BYTES = 8_000.0
 DELIVERY_MS = 30.0
+FANOUT_MS = 100.0  # a worker's fan-out of message N takes FANOUT_MS + N (+1 on worker 1)
 DURATION_S = 14
 HOST = "local"
 AGENTS = ("agent-0", "agent-1")
@@ -72,6 +73,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
     agent_rows, server_rows, host_rows, cpu_rows, proc_rows = [], [], [], [], []
     raw_lines: dict[str, list[str]] = {a: [] for a in AGENTS}
     published = 0
+    message_id = 0  # the latest broadcast's id
     received = [0.0, 0.0]  # messages each agent received so far
     for t in seconds:
         for k, agent in enumerate(AGENTS):
@@ -137,6 +139,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
         # one message to every open connection per second during the hold
         published = 1 if RAMP_AT + 4 < t < RAMP_AT + 4 + HOLD_S else 0
         received[:] = [r + published * open_now / 2 for r in received]
+        message_id += published
         for worker in (0, 1):
             events = int((conns["connected"] <= t).sum() // 2)
             server_rows.append(
@@ -153,6 +156,10 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                     "closes": 0,
                     "pcs": int(RATE_PER_S / 2),
                     "restarts": 0,
+                    # the latest broadcast each worker wrote: FANOUT_MS + the message id
+                    "fanout_ms": float(FANOUT_MS + message_id + worker) if message_id else 0.0,
+                    "fanout_subscribers": open_now // 2 if message_id else 0,
+                    "fanout_id": message_id,
                 }
             )
         host_rows.append(
@@ -164,7 +171,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                 "mem_available": 22e9,
                 "tcp_inuse": 2 * open_now,
                 "tcp_orphan": 0,
-                "tcp_tw": 0,
+                "tcp_tw": 7,
                 "tcp_alloc": 2 * open_now,
                 "tcp_mem_bytes": KERNEL_BYTES / 2 * open_now,
                 "tcp_slab_bytes": KERNEL_BYTES / 2 * open_now,
@@ -190,7 +197,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                     "cpu_percent": cpu,
                     "rss": uss + 10e6,  # shared pages: the same slope
                     "uss": uss,
-                    "num_fds": 10,
+                    "num_fds": 10 + pid,
                     "threads": 1,
                 }
             )

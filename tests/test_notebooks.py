@@ -70,12 +70,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run_notebook_on_the_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> None:
     """``lab run`` publishes with run.ipynb (results_dir = the finished run: it loads it)."""
     folder = runfolder.published_smoke(tmp_path_factory)
-    assert _figures(folder / "run.ipynb") == 9
+    assert _figures(folder / "run.ipynb") == 11
 
 
 def test_report_notebook_on_the_smoke_run(smoke: Path, tmp_path: Path) -> None:
     out = execute_notebook("report", tmp_path / "report.ipynb", {"results_dir": str(smoke)})
-    assert _figures(out) == 9
+    assert _figures(out) == 11
 
 
 def test_compare_notebook(tmp_path_factory: pytest.TempPathFactory) -> None:

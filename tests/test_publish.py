@@ -33,11 +33,11 @@ def test_smoke_run_report_opens_offline_with_every_figure(
     folder = runfolder.published_smoke(tmp_path_factory)
     report = folder / "report.html"
     html = report.read_text()
-    assert html.count("Plotly.newPlot") == 9
+    assert html.count("Plotly.newPlot") == 11
     assert "require.min.js" not in html and "cdnjs.cloudflare.com" not in html
     page = load_page(chromium, report)
     assert page.drawn >= 6
-    assert_offline_and_clean(page, figures=9)
+    assert_offline_and_clean(page, figures=11)
     index = (folder.parent / "index.html").read_text()
     assert f'href="{folder.name}/report.html"' in index
     assert "completed" in index and "smoke" in index

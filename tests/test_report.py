@@ -18,7 +18,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Tables:
     return stats.load_tables(runfolder.build(tmp_path_factory.mktemp("run") / "run"))
 
 
-def test_report_has_the_nine_sections(synthetic: Tables) -> None:
+def test_report_has_the_eleven_sections(synthetic: Tables) -> None:
     figures = report.report_figures(synthetic)
     titles = [f.layout.title.text for f in figures]
     assert titles == [
@@ -28,6 +28,8 @@ def test_report_has_the_nine_sections(synthetic: Tables) -> None:
         "Server console per worker",
         "CPU",
         "Memory",
+        "Sockets and open files",
+        "Messages and broadcasts",
         "Latency",
         "Errors by reason",
         "Environment",
@@ -51,6 +53,26 @@ def test_figures_draw_the_stats_numbers(synthetic: Tables) -> None:
     assert list(rate["achieved /s"].y) == list(stats.rate_frame(synthetic)["achieved"])
     fit_names = [t.name for t in figures["Memory"].data if t.name and "KiB/conn" in t.name]
     assert "server: 4.88 KiB/conn" in fit_names
+    # one colour per memory series in both panels
+    colors: dict[str, set[str]] = {}
+    for t in figures["Memory"].data:
+        color = (t.line.color if t.mode == "lines" else t.marker.color) or "?"
+        colors.setdefault(t.legendgroup, set()).add(color)
+    assert colors and all(len(c) == 1 for c in colors.values()), colors
+    sockets = {t.name: t for t in figures["Sockets and open files"].data}
+    assert max(sockets["TCP in use"].y) == synthetic.monitor_host["tcp_inuse"].max()
+    assert set(sockets["TCP TIME_WAIT"].y) == {7}
+    assert set(sockets["open files: server"].y) == {10 + 100 + 10 + 101}  # summed per role
+    messages = {t.name: t for t in figures["Messages and broadcasts"].data}
+    received = stats.messages_frame(synthetic)
+    assert (
+        sum(messages["received /s"].y) == received[received["series"] == "received"]["per_s"].sum()
+    )
+    assert sum(messages["received /s"].y) == synthetic.agent.groupby("agent")["msgs_in"].max().sum()
+    fanout = messages["fan-out (ms)"]
+    # each broadcast once, at its slowest worker (worker 1: FANOUT_MS + id + 1)
+    assert list(fanout.y) == [runfolder.FANOUT_MS + i + 1 for i in fanout.x]
+    assert list(fanout.x) == list(range(1, len(fanout.x) + 1)) and len(fanout.x) > 2
     errors = figures["Errors by reason"].data
     assert [t.name for t in errors] == ["refused"]
     assert sum(errors[0].y) == runfolder.REFUSED
@@ -69,7 +91,7 @@ def test_figure_bundle_is_offline_html_plus_plotly_json(synthetic: Tables) -> No
 def test_empty_run_still_draws_every_section(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"outcome": "failed", "reason": "test"}))
     figures = report.report_figures(stats.load_tables(tmp_path))
-    assert len(figures) == 9
+    assert len(figures) == 11
     for fig in figures:
         fig.to_json()
 
