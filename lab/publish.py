@@ -193,6 +193,8 @@ def index_rows(results: Path) -> list[dict[str, Any]]:
     outcome, reason, summary, thresholds, and which files exist."""
     rows = []
     for run_json in sorted(results.glob("*/run.json"), reverse=True):
+        if run_json.parent.is_symlink():  # results/latest: the newest run, listed already
+            continue
         try:
             record = json.loads(run_json.read_text())
         except (OSError, json.JSONDecodeError):

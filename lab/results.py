@@ -123,6 +123,21 @@ TABLES: dict[str, dict[str, str]] = {
 }
 
 
+LATEST = "latest"
+
+
+def _point_latest(root: Path, run_id: str) -> None:
+    """``<results>/latest`` → the newest run folder (what notebooks/report.ipynb opens by
+    default). Replaced atomically; where links cannot be made, there is none."""
+    tmp = root / f".{LATEST}.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_id, target_is_directory=True)
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True, slots=True)
 class RunFolder:
     """One run's folder: ``run.json``, ``raw/<host>/``, ``logs/``, the Parquet tables."""
@@ -148,6 +163,7 @@ class RunFolder:
             folder = cls(root / run_id, run_id)
             folder.raw_dir.mkdir()
             folder.logs_dir.mkdir()
+            _point_latest(root, run_id)
             return folder
         raise FileExistsError(f"{root}: no free run folder name for {base}")
 

@@ -212,6 +212,12 @@ def test_run_folder_and_atomic_run_json(tmp_path: Path) -> None:
     b = RunFolder.create(tmp_path, "smoke", now=now)
     assert a.run_id == "20251126-160000-smoke" and b.run_id == a.run_id + "-2"
     assert a.raw_dir.is_dir() and a.logs_dir.is_dir()
+    # results/latest: the newest run (notebooks/report.ipynb's default), listed once
+    assert (tmp_path / "latest").resolve() == b.path.resolve()
+    b.write_run_json({"schema_version": 1, "outcome": "completed"})
+    from lab.publish import index_rows
+
+    assert [r["run_id"] for r in index_rows(tmp_path)] == [b.run_id]
     a.write_run_json({"schema_version": 1, "outcome": "running", "summary": {"x": math.nan}})
     a.write_run_json({"schema_version": 1, "outcome": "completed", "summary": {"x": 1.5}})
     assert RunFolder.open(a.path).read_run_json()["outcome"] == "completed"
