@@ -522,7 +522,10 @@ def show_compare(folders: Sequence[Path | str]) -> None:
     from IPython.display import Markdown, display
 
     runs = [stats.load_tables(f) for f in folders]
-    warnings = summary_table.host_differences([(_label(t), t.run) for t in runs])
+    labelled = [(_label(t), t.run) for t in runs]
+    for difference in summary_table.run_differences(labelled):
+        display(Markdown(f"**Differs:** {difference}"))
+    warnings = summary_table.host_differences(labelled)
     for warning in warnings:
         display(Markdown(f"**Warning:** {warning}"))
     if not warnings:

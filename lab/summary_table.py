@@ -165,6 +165,40 @@ def _host_key(host: Mapping[str, Any]) -> dict[str, Any]:
     return key
 
 
+def run_differences(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """What differs between the first run and each other one besides the hosts: the
+    experiment (its resolved settings), the overrides, the lab's git commit. Not a reason
+    not to compare, but what a ratio then also measures."""
+    if not runs:
+        return []
+    out: list[str] = []
+    base_label, base = runs[0]
+
+    def facts(record: Mapping[str, Any]) -> dict[str, Any]:
+        exp = record.get("experiment") or {}
+        controller = record.get("controller") or {}
+        return {
+            "experiment": exp.get("name"),
+            "experiment settings": json.dumps(exp.get("resolved"), sort_keys=True),
+            "overrides": json.dumps(record.get("overrides") or {}, sort_keys=True),
+            "lab commit": (controller.get("git_commit") or "")[:9]
+            + (" (dirty)" if controller.get("git_dirty") else ""),
+        }
+
+    theirs = facts(base)
+    for label, record in runs[1:]:
+        mine = facts(record)
+        for item, value in mine.items():
+            if value != theirs[item]:
+                shown = (
+                    "differ"
+                    if item == "experiment settings"
+                    else f"{label}: {value!r}, {base_label}: {theirs[item]!r}"
+                )
+                out.append(f"{item} — {shown}")
+    return out
+
+
 def host_differences(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
     """Warnings, one per difference in CPU model, kernel or key sysctls between the hosts of
     the first run and those of each other run (hosts matched by name, else by position)."""

@@ -340,3 +340,22 @@ def test_the_total_is_drawn_when_the_agents_reported_it() -> None:
     assert online["connections"].tolist() == [10, 20]  # summed over the workers
     first = online["elapsed_s"].iloc[0] - by["a0"]["elapsed_s"].iloc[0]
     assert abs(first - 0.55) < 1e-9  # at the workers' report time, 101.4 s
+
+
+def test_compare_names_what_differs_besides_the_hosts() -> None:
+    def record(name: str, rate: int, commit: str, overrides: dict[str, str]) -> dict:
+        return {
+            "experiment": {"name": name, "resolved": {"phases": [{"rate_per_s": rate}]}},
+            "overrides": overrides,
+            "controller": {"git_commit": commit, "git_dirty": False},
+        }
+
+    same = record("smoke", 1000, "abc123456789", {})
+    assert summary_table.run_differences([("A", same), ("B", dict(same))]) == []
+    found = summary_table.run_differences(
+        [("A", same), ("B", record("c64k", 2500, "def987654321", {"agents.procs": "4"}))]
+    )
+    assert "experiment — B: 'c64k', A: 'smoke'" in found
+    assert "experiment settings — differ" in found
+    assert any(f.startswith("overrides — B: ") for f in found)
+    assert "lab commit — B: 'def987654', A: 'abc123456'" in found
