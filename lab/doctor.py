@@ -96,7 +96,10 @@ def check_host(facts: Mapping[str, Any], host: str | None = None) -> list[Findin
     if facts.get("error"):
         error = str(facts["error"])
         fix = "" if "fix" in error.lower() else "check address, port, user and key"
-        add("reachable", Level.FAIL, "no", error, fix)
+        if "did not run there" in error:  # reached, but its python is not there (lab.ssh)
+            add("python", Level.FAIL, "not runnable", error, fix)
+        else:
+            add("reachable", Level.FAIL, "no", error, fix)
         return out
     py = str(facts.get("python") or "")
     try:
@@ -218,6 +221,19 @@ def plan_host_findings(
     out: list[Finding] = []
     for share in agent_shares(exp, limits):
         facts = facts_by_host.get(share.host) or {}
+        # 127/8 is local on any Linux host: only other addresses need the host's list
+        unsure = [ip for ip in share.source_ips if not ip.startswith("127.")]
+        if unsure and facts.get("addresses") is None:
+            out.append(
+                Finding(
+                    share.host,
+                    "source address",
+                    Level.WARN,
+                    "not checked",
+                    "the host's facts do not list its addresses",
+                    "the agent checks them when it starts",
+                )
+            )
         for ip in share.source_ips:
             if source_ip_usable(ip, facts) is False:
                 out.append(

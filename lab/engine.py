@@ -566,8 +566,12 @@ class Engine:
             grace = 0.5 if self.hurry else STOP_GRACE_S
             q = shlex.quote
             args = " ".join(str(g) for g in sorted(pgids))
+            # the deployed venv's python: the one every role ran with (the inventory's may be
+            # wrong while an earlier deploy's venv still serves)
+            dep = self.deployments.get(name)
+            python = dep.python if dep is not None else self.exp.host(name).python
             cmd = (
-                f"{q(self.exp.host(name).python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} "
+                f"{q(python)} -c {q(STOP_SCRIPT)} {q(self.run_id)} "
                 f"{q(name)} {grace:g} {'sweep' if sweep else 'nosweep'} {args}"
             )
             res = await conns[name].run(cmd, check=False, timeout_s=grace + 60)
@@ -576,6 +580,14 @@ class Engine:
                 report = json.loads(res.stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
                 info.setdefault("errors", []).append(res.stderr.strip()[-500:])
+                # no report: kill the groups the run knows with the shell alone, and say so
+                if pgids:
+                    kill = " ".join(f"-{g}" for g in sorted(pgids))
+                    await conns[name].run(f"kill -KILL -- {kill}", check=False, timeout_s=30)
+                self._note(
+                    f"host {name!r}: the stop script failed ({res.stderr.strip()[-200:]}); "
+                    f"process groups {sorted(pgids)} were killed, others of the run may be left"
+                )
                 return
             for key in ("terminated", "killed", "strays"):
                 info[key] += report[key]

@@ -446,6 +446,24 @@ for line in (read("/proc/meminfo") or "").splitlines():
         mem[key] = int(rest.split()[0]) * 1024
 tcp = (read("/proc/net/sockstat") or "").partition("TCP:")[2].split("\n")[0].split()
 tw = int(tcp[tcp.index("tw") + 1]) if "tw" in tcp else None
+def addresses():
+    # [address, prefix, interface]: IPv4 from the kernel's local routes (a whole loopback
+    # network is local), IPv6 from if_inet6; what an agent may bind as a source address
+    out, last = [], None
+    for line in (read("/proc/net/fib_trie") or "").splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text.split()[1].split("/")[0]
+        elif text.endswith("host LOCAL") and last is not None:
+            entry = [last, int(text.split()[0][1:]), ""]
+            if entry not in out:
+                out.append(entry)
+    for line in (read("/proc/net/if_inet6") or "").splitlines():
+        f = line.split()
+        if len(f) >= 6:
+            a = ":".join(f[0][i:i + 4] for i in range(0, 32, 4))
+            out.append([str(__import__("ipaddress").ip_address(a)), int(f[2], 16), f[5]])
+    return out
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 inf = resource.RLIM_INFINITY
 print(json.dumps({
@@ -461,7 +479,9 @@ print(json.dumps({
     "nofile_hard": None if hard == inf else hard,
     "sysctls": {n: sysctl(n) for n in (
         "net.ipv4.ip_local_port_range", "net.core.somaxconn",
-        "net.ipv4.tcp_max_syn_backlog", "fs.file-max", "fs.nr_open")},
+        "net.ipv4.tcp_max_syn_backlog", "fs.file-max", "fs.nr_open",
+        "net.ipv4.ip_nonlocal_bind")},
+    "addresses": addresses(),
     "mem_total_bytes": mem.get("MemTotal"),
     "mem_available_bytes": mem.get("MemAvailable"),
     "tcp_time_wait": tw,
@@ -476,11 +496,19 @@ async def gather_facts(conn: HostConnection, python: str | None = None) -> dict[
     Keys: python, python_executable, implementation, machine, libc, kernel, hostname,
     cpu_count, nofile_soft, nofile_hard (None = unlimited), sysctls (ip_local_port_range as
     [low, high], somaxconn, tcp_max_syn_backlog, file-max, nr_open), mem_total_bytes,
-    tcp_time_wait (TCP sockets in TIME_WAIT),
+    tcp_time_wait (TCP sockets in TIME_WAIT), addresses ([address, prefix, interface]: where
+    agents may bind source addresses),
     mem_available_bytes, clock_offset_s, clock_rtt_s. For ``lab doctor``.
     """
     python = python or conn.spec.python
-    result = await conn.run(f"{shlex.quote(python)} -c {shlex.quote(_FACTS_SCRIPT)}", timeout_s=30)
+    cmd = f"{shlex.quote(python)} -c {shlex.quote(_FACTS_SCRIPT)}"
+    result = await conn.run(cmd, check=False, timeout_s=30)
+    if result.exit_status != 0 or not result.stdout.strip():
+        said = (result.stderr or result.stdout).strip()[-200:]
+        raise RuntimeError(
+            f"{conn.spec.name}: python {python!r} did not run there ({said or 'no output'}) "
+            f"— fix: set `python:` of host {conn.spec.name!r} to a Python >= 3.11 on it"
+        )
     facts: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     facts.pop("time", None)
     clock = await measure_clock_offset(conn, python, samples=5)

@@ -162,3 +162,15 @@ def test_lab_doctor_on_this_host() -> None:
         timeout=120,
     )
     assert typo.returncode == 2 and "did you mean `procs`" in typo.stderr
+
+
+def test_a_host_whose_python_does_not_run_is_named_so() -> None:
+    error = (
+        "a1: python '/opt/py3.11/bin/python3' did not run there (not found) — fix: set "
+        "`python:` of host 'a1' to a Python >= 3.11 on it"
+    )
+    (finding,) = check_host({"error": error}, host="a1")
+    assert finding.check == "python" and finding.level is Level.FAIL
+    assert "set `python:`" in finding.message and finding.fix == ""
+    (unreached,) = check_host({"error": "cannot connect to host 'a1'"}, host="a1")
+    assert unreached.check == "reachable" and "address" in unreached.fix

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from lab import ssh
+from lab import doctor, ssh
 from lab.experiment import LOCAL, HostSpec
 from tests.conftest import require, require_root
 from tests.netns import kill_sshd, netns_hosts
@@ -72,6 +72,7 @@ async def test_facts_and_clock_offset(embedded: ssh.EmbeddedServer) -> None:
     low, high = facts["sysctls"]["net.ipv4.ip_local_port_range"]
     assert 0 < low < high
     assert facts["mem_available_bytes"] > 0
+    assert ["127.0.0.0", 8, ""] in facts["addresses"]  # a whole loopback network is local
     # same machine, same clock: the measured offset is within the round trip
     assert abs(facts["clock_offset_s"]) <= facts["clock_rtt_s"] + 0.05
 
@@ -141,6 +142,11 @@ async def test_openssh_hosts_in_network_namespaces(tmp_path: Path) -> None:
                 assert host.address in result.stdout.split()
                 facts = await ssh.gather_facts(conn)
                 assert facts["sysctls"]["net.ipv4.ip_local_port_range"] == [1024, 65535]
+                # the host's own addresses, for lab doctor's source address check
+                own = {a for a, *_ in facts["addresses"]}
+                assert host.address in own and "198.18.99.99" not in own
+                assert doctor.source_ip_usable(host.address, facts) is True
+                assert doctor.source_ip_usable("198.18.99.99", facts) is False
                 workdir = await conn.resolve_dir(host.spec.workdir)
                 await conn.put(Path(__file__), f"{workdir}/copy.py")
                 out = await conn.run(f"cat {shlex.quote(workdir)}/copy.py")
