@@ -203,7 +203,8 @@ def _connect_fix(spec: HostSpec, exc: BaseException) -> str:
         known = spec.known_hosts or "~/.ssh/known_hosts"
         return (
             f"the host key of {where} is not in {known}: add it with "
-            f"`ssh-keyscan -p {spec.port} {spec.address} >> {known}` after checking it, or set "
+            f"`mkdir -p ~/.ssh && ssh-keyscan -p {spec.port} {spec.address} >> {known}` after "
+            "checking it, or set "
             f"`insecure_skip_host_key_check: true` for host {spec.name!r} (recorded in run.json)"
         )
     if isinstance(exc, asyncssh.PermissionDenied):
