@@ -105,31 +105,33 @@ def rate_figure(frame: pd.DataFrame) -> go.Figure:
 
 
 def server_console_figure(frame: pd.DataFrame) -> go.Figure:
-    """4. The server console: per worker, events so far and events per second
-    (``server_console_frame``)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("events so far", "events / s (PcS)"))
+    """4. The server console, as the field report's: per worker, connections online, events
+    so far (connect, message, close) and events per second (``server_console_frame``). A
+    broadcast's sends are not events: they are in "Messages and broadcasts"."""
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=("connections online", "events so far", "events / s (PcS)"),
+    )
     for worker, rows in frame.groupby("worker"):
         name = f"worker {worker}"
-        fig.add_trace(
-            go.Scatter(
-                x=rows["elapsed_s"], y=rows["events"], name=name, mode="lines", legendgroup=name
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=rows["elapsed_s"],
-                y=rows["pcs"],
-                name=name,
-                mode="lines",
-                legendgroup=name,
-                showlegend=False,
-            ),
-            row=1,
-            col=2,
-        )
+        for col, column in enumerate(("online", "events", "pcs"), start=1):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["elapsed_s"],
+                    y=rows[column],
+                    name=name,
+                    mode="lines",
+                    legendgroup=name,
+                    showlegend=col == 1,
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_xaxes(title_text="time (s)")
+    fig.update_yaxes(title_text="connections", row=1, col=1)
+    fig.update_yaxes(title_text="events", row=1, col=2)
+    fig.update_yaxes(title_text="events / s", row=1, col=3)
     return _layout(fig, "Server console per worker")
 
 

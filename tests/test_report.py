@@ -53,6 +53,9 @@ def test_figures_draw_the_stats_numbers(synthetic: Tables) -> None:
     assert list(rate["achieved /s"].y) == list(stats.rate_frame(synthetic)["achieved"])
     fit_names = [t.name for t in figures["Memory"].data if t.name and "KiB/conn" in t.name]
     assert "server: 4.88 KiB/conn" in fit_names
+    console = [t for t in figures["Server console per worker"].data if t.xaxis == "x"]
+    online = synthetic.server[synthetic.server["worker"] == 0]["online"].tolist()
+    assert [list(t.y) for t in console if t.name == "worker 0"] == [online]
     # one colour per memory series in both panels
     colors: dict[str, set[str]] = {}
     for t in figures["Memory"].data:
