@@ -68,7 +68,9 @@ def start_lab_run(args: list[str], results: Path) -> subprocess.Popen[str]:
 
 def run_json_of(results: Path) -> dict[str, Any] | None:
     folders = (
-        [p for p in results.iterdir() if (p / "run.json").is_file()] if results.exists() else []
+        [p for p in results.iterdir() if (p / "run.json").is_file() and not p.is_symlink()]
+        if results.exists()
+        else []  # results/latest is a link to the run, not a second one
     )
     if len(folders) != 1:
         return None
