@@ -19,6 +19,7 @@ import enum
 import fnmatch
 import json
 import shlex
+import signal
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,7 @@ class RoleProcess:
     pgid: int | None = None
     last: dict[str, Any] | None = None
     exit_status: int | None = None
+    exit_signal: str | None = None  # the signal that killed it, when one did
     reader: asyncio.Task[None] | None = None
 
 
@@ -416,6 +418,11 @@ class Engine:
             pass
         status = role.process.exit_status
         role.exit_status = status if status is not None else -1
+        signal = getattr(role.process, "exit_signal", None)  # (name, core dumped, msg, lang)
+        if signal:
+            role.exit_signal = (
+                f"SIG{signal[0]}" if not str(signal[0]).startswith("SIG") else signal[0]
+            )
 
     async def _race(
         self,
@@ -453,10 +460,7 @@ class Engine:
             if kind == "host":
                 raise RunFailed(f"host {name!r} dropped out during {what} (SSH connection lost)")
             role = next(r for r in watched if r.launch.name == name)
-            raise RunFailed(
-                f"{name} on host {role.launch.host!r} exited with {role.exit_status} during "
-                f"{what}: {await self._stderr_tail(role)}"
-            )
+            raise RunFailed(await self._ended(role, what))
         raise RunFailed(
             f"{what} did not finish within max_duration_s ({self.exp.max_duration_s:g} s)"
         )
@@ -497,10 +501,31 @@ class Engine:
             assert agent.reader is not None
             await asyncio.shield(agent.reader)
             if agent.exit_status != 0:
-                raise RunFailed(
-                    f"{agent.launch.name} on host {agent.launch.host!r} exited with "
-                    f"{agent.exit_status}: {await self._stderr_tail(agent)}"
-                )
+                raise RunFailed(await self._ended(agent, "load"))
+
+    async def _ended(self, role: RoleProcess, what: str) -> str:
+        """Why a role ended too soon: its exit status and stderr, or, when no exit status came
+        back over its SSH session, that its host dropped out."""
+        host = role.launch.host
+        if role.exit_signal is not None:
+            return (
+                f"{role.launch.name} on host {host!r} was killed by {role.exit_signal} during "
+                f"{what} (the kernel's OOM killer sends SIGKILL): {await self._stderr_tail(role)}"
+            )
+        if role.exit_status is None or role.exit_status < 0:
+            return (
+                f"host {host!r} dropped out during {what}: the SSH session of "
+                f"{role.launch.name} ended with no exit status (the host, its network or its "
+                "sshd went away)"
+            )
+        status = f"{role.exit_status}"
+        if 128 < role.exit_status < 128 + 65:  # the shell's way of saying a signal killed it
+            with contextlib.suppress(ValueError):
+                status += f" (killed by {signal.Signals(role.exit_status - 128).name})"
+        return (
+            f"{role.launch.name} on host {host!r} exited with {status} during "
+            f"{what}: {await self._stderr_tail(role)}"
+        )
 
     async def _stderr_tail(self, role: RoleProcess) -> str:
         conn = self.conns.get(role.launch.host)

@@ -342,6 +342,28 @@ def test_a_worker_killed_mid_run_is_a_restart_and_drops_not_connect_errors(
     assert run_processes(record["run_id"]) == {}
 
 
+def test_an_agent_killed_mid_run_is_named_with_its_signal(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    proc = start_lab_run([str(TINY), "-p", "phases.1.hold_s=20"], results)
+    try:
+        record = wait_for(lambda: agents_running(results), 120, "agents to run")
+        (pid,) = [
+            p
+            for p, cmd in run_processes(record["run_id"]).items()
+            if "-m lab.agent " in cmd + " " and "lab.agent.proc" not in cmd
+        ]
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+        code, folder, _ = finish(proc, 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "failed" and code == 1
+    assert "agent-0 on host 'local'" in record["reason"], record["reason"]
+    assert "killed by SIGKILL" in record["reason"], record["reason"]
+    assert run_processes(record["run_id"]) == {}
+
+
 def tables_with_agent_lines(results: Path, record: dict[str, Any]) -> bool:
     folder = results / record["run_id"]
     workdir = Path(record["hosts"][0]["deploy"]["workdir"])
