@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import fnmatch
 import json
+import re
 import shlex
 import signal
 import time
@@ -669,6 +670,8 @@ class Engine:
                 else:
                     continue
                 await conn.get(f"{rundir}/{fname}", dest)
+                if dest.parent.name == "logs":
+                    _mask_tokens(dest)
 
         results = await asyncio.gather(
             *(one(h) for h in sorted(self.rundirs)), return_exceptions=True
@@ -731,6 +734,19 @@ def summary_notes(summary: Mapping[str, Any]) -> list[str]:
             "lower the rate, or add agent processes or hosts)"
         )
     return notes
+
+
+# What a server prints when it made up its own publish token (lab.comet.supervisor).
+_TOKEN_LINE = re.compile(r"(publish token: )\S+")
+
+
+def _mask_tokens(log: Path) -> None:
+    """Results are shared; a publish token, even a run's own, is not kept in them."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = log.read_text()
+        masked = _TOKEN_LINE.sub(r"\1***", text)
+        if masked != text:
+            log.write_text(masked)
 
 
 def _finding_text(f: Finding) -> str:

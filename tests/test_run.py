@@ -133,6 +133,15 @@ def test_secrets_are_masked_and_exit_codes_follow_outcome() -> None:
     assert exit_code({"outcome": "interrupted"}) == 130
 
 
+def test_a_servers_own_publish_token_is_masked_in_the_fetched_logs(tmp_path: Path) -> None:
+    from lab.engine import _mask_tokens
+
+    log = tmp_path / "srv-server.log"
+    log.write_text("lab.comet: listening\nlab.comet: publish token: Zx-9_secret\nnext line\n")
+    _mask_tokens(log)
+    assert log.read_text() == "lab.comet: listening\nlab.comet: publish token: ***\nnext line\n"
+
+
 def test_bad_experiment_fails_before_any_folder(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("phases: [{rate_per_s: 10, until_connections: 10}]\nserver: {wrokers: 2}\n")
