@@ -144,6 +144,12 @@ class Engine:
             "summary": {},
         }
         self.folder.write_run_json(self.record)
+        if self.record["insecure_hosts"]:
+            self._note(
+                "host keys NOT checked for: "
+                + ", ".join(self.record["insecure_hosts"])
+                + " (insecure_skip_host_key_check: true in the inventory)"
+            )
         task = asyncio.current_task()
         try:
             await self._body()

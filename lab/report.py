@@ -169,14 +169,37 @@ def cpu_figure(cores: pd.DataFrame, roles: pd.DataFrame) -> go.Figure:
     return _layout(fig, "CPU", height=max(HEIGHT, 320 * len(hosts)))
 
 
-def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> go.Figure:
-    """6. Memory per role over time, and memory vs connections with the fitted bytes per
-    connection (``memory_frame``, ``memory_fits``)."""
+def memory_figure(
+    memory: pd.DataFrame,
+    fits: Mapping[str, stats.MemoryFit],
+    processes: pd.DataFrame | None = None,
+) -> go.Figure:
+    """6. Memory per role over time, memory vs connections with the fitted bytes per
+    connection, and each process's USS (``memory_frame``, ``memory_fits``,
+    ``process_memory_frame``)."""
     fig = make_subplots(
         rows=1,
-        cols=2,
-        subplot_titles=("memory over time (roles: USS)", "RSS vs open connections, fitted"),
+        cols=3,
+        subplot_titles=(
+            "memory over time (roles: USS)",
+            "RSS vs open connections, fitted",
+            "USS per process",
+        ),
     )
+    if processes is not None:
+        for process, rows in processes.groupby("process", sort=True):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["elapsed_s"],
+                    y=rows["bytes"] / 2**20,
+                    name=str(process),
+                    mode="lines",
+                    line={"width": 1},
+                    legendgroup=f"process {process}",
+                ),
+                row=1,
+                col=3,
+            )
     # hosts sample at slightly different instants: add them up per whole second
     per_second = memory.assign(second=memory["elapsed_s"].round())
     per_series = per_second.groupby(["series", "second"]).agg(
@@ -238,6 +261,7 @@ def memory_figure(memory: pd.DataFrame, fits: Mapping[str, stats.MemoryFit]) -> 
     fig.update_yaxes(title_text="MiB")
     fig.update_xaxes(title_text="time (s)", row=1, col=1)
     fig.update_xaxes(title_text="open connections", row=1, col=2)
+    fig.update_xaxes(title_text="time (s)", row=1, col=3)
     return _layout(fig, "Memory", height=HEIGHT + 60)
 
 
@@ -357,7 +381,9 @@ def report_figures(tables: Tables) -> list[go.Figure]:
         rate_figure(stats.rate_frame(tables)),
         server_console_figure(stats.server_console_frame(tables)),
         cpu_figure(stats.cpu_core_frame(tables), stats.cpu_role_frame(tables)),
-        memory_figure(memory, stats.memory_fits(tables, memory)),
+        memory_figure(
+            memory, stats.memory_fits(tables, memory), stats.process_memory_frame(tables)
+        ),
         sockets_figure(stats.sockets_frame(tables)),
         messages_figure(stats.messages_frame(tables), stats.fanout_frame(tables)),
         latency_figure(

@@ -478,6 +478,28 @@ def sockets_frame(tables: Tables) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def process_memory_frame(tables: Tables) -> pd.DataFrame:
+    """Memory per process of the run over time (USS): elapsed_s, process (``<role> <pid>``,
+    host-prefixed when there are several hosts), bytes. One worker that grows apart from the
+    others (a leak, an uneven share) shows here, not in the per-role sums."""
+    procs = own_procs(tables)
+    cols = ("elapsed_s", "process", "bytes")
+    if procs.empty or procs["uss"].isna().all():
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+    procs = procs[procs["uss"].notna()]
+    several = procs["host"].nunique() > 1
+    name = procs["role"].astype(str) + " " + procs["pid"].astype("int64").astype(str)
+    if several:
+        name = procs["host"].astype(str) + ": " + name
+    return pd.DataFrame(
+        {
+            "elapsed_s": procs["t"].astype("float64") - run_start(tables),
+            "process": name,
+            "bytes": procs["uss"].astype("float64"),
+        }
+    ).reset_index(drop=True)
+
+
 def server_console_frame(tables: Tables) -> pd.DataFrame:
     """The server console per worker: elapsed_s, worker, pid, online, events (so far), pcs
     (events in the last second), restarts."""

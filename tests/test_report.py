@@ -62,6 +62,11 @@ def test_figures_draw_the_stats_numbers(synthetic: Tables) -> None:
         color = (t.line.color if t.mode == "lines" else t.marker.color) or "?"
         colors.setdefault(t.legendgroup, set()).add(color)
     assert colors and all(len(c) == 1 for c in colors.values()), colors
+    # each process's USS: one worker growing apart from the others shows
+    per_process = {t.name: t for t in figures["Memory"].data if t.xaxis == "x3"}
+    assert set(per_process) == {"server 100", "server 101", "agent 200", "agent 201", "monitor 300"}
+    uss = synthetic.monitor_procs[synthetic.monitor_procs["pid"] == 101]["uss"] / 2**20
+    assert list(per_process["server 101"].y) == uss.tolist()
     sockets = {t.name: t for t in figures["Sockets and open files"].data}
     assert max(sockets["TCP in use"].y) == synthetic.monitor_host["tcp_inuse"].max()
     assert set(sockets["TCP TIME_WAIT"].y) == {7}
