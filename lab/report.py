@@ -270,7 +270,8 @@ def latency_figure(
 ) -> go.Figure:
     """7. Connect latency percentiles over time; delivery latency when messages were
     published: arrival at the agent host's socket (kernel receive time) and, dotted grey,
-    when the agent process read it (``latency_frame``, ``delivery_frame``)."""
+    when the agent process read it (``latency_frame``, ``delivery_frame``). Each point's
+    hover says how many samples the second held."""
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("connect (from the scheduled time)", "delivery")
     )
@@ -289,6 +290,9 @@ def latency_figure(
                     mode="lines+markers",
                     name=f"{name} {key[:-3]}",
                     line={"dash": dash, **({"color": color} if color else {})},
+                    # a second's percentile is only as good as its samples: show how many
+                    customdata=frame["count"],
+                    hovertemplate="%{y:.1f} ms at %{x:.0f} s, of %{customdata:,.0f} samples",
                 ),
                 row=1,
                 col=col,

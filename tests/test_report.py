@@ -67,6 +67,11 @@ def test_figures_draw_the_stats_numbers(synthetic: Tables) -> None:
     assert set(per_process) == {"server 100", "server 101", "agent 200", "agent 201", "monitor 300"}
     uss = synthetic.monitor_procs[synthetic.monitor_procs["pid"] == 101]["uss"] / 2**20
     assert list(per_process["server 101"].y) == uss.tolist()
+    # every latency point carries the number of samples of its second
+    latency = {t.name: t for t in figures["Latency"].data}
+    delivery = stats.delivery_frame(synthetic)
+    assert list(latency["delivery p50"].customdata) == delivery["count"].tolist()
+    assert "samples" in latency["delivery p50"].hovertemplate
     sockets = {t.name: t for t in figures["Sockets and open files"].data}
     assert max(sockets["TCP in use"].y) == synthetic.monitor_host["tcp_inuse"].max()
     assert set(sockets["TCP TIME_WAIT"].y) == {7}
