@@ -50,6 +50,23 @@ class Finding:
     message: str = ""
     fix: str = ""
 
+    def text(self) -> str:
+        """The finding in a sentence, for a run's notes and reason: check, value, why, fix."""
+        text = f"{self.check} {self.value}"
+        if self.message:
+            text += f": {self.message}"
+        return text + (f" (fix: {self.fix})" if self.fix else "")
+
+    def as_dict(self) -> dict[str, str]:
+        """As run.json keeps it (``hosts[].checks``)."""
+        return {
+            "check": self.check,
+            "value": self.value,
+            "message": self.message,
+            "fix": self.fix,
+            "level": self.level.value,
+        }
+
     def line(self) -> str:
         text = f"{self.level.value.upper():<4}  {self.host:<10} {self.check:<24} {self.value}"
         if self.message:
@@ -195,10 +212,12 @@ def source_ip_usable(ip: str, facts: Mapping[str, Any]) -> bool | None:
     say (an older lab on the host). On Linux a whole loopback network is local."""
     import ipaddress
 
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4 and addr.is_loopback:  # 127/8 is local on any Linux host
+        return True
     addresses = facts.get("addresses")
     if addresses is None:
         return None
-    addr = ipaddress.ip_address(ip)
     if addr.version == 4 and (facts.get("sysctls") or {}).get("net.ipv4.ip_nonlocal_bind") == 1:
         return True
     for address, prefix, *_ in addresses:
@@ -221,9 +240,8 @@ def plan_host_findings(
     out: list[Finding] = []
     for share in agent_shares(exp, limits):
         facts = facts_by_host.get(share.host) or {}
-        # 127/8 is local on any Linux host: only other addresses need the host's list
-        unsure = [ip for ip in share.source_ips if not ip.startswith("127.")]
-        if unsure and facts.get("addresses") is None:
+        unsure = [ip for ip in share.source_ips if source_ip_usable(ip, facts) is None]
+        if unsure:
             out.append(
                 Finding(
                     share.host,

@@ -324,37 +324,30 @@ class Engine:
         """``lab doctor``'s checks of what the plan asks of each host (its source addresses,
         its rate), on the facts read: a failure stops the run before anything starts."""
         facts = {n: info.get("metadata") or {} for n, info in self.hosts.items()}
-        findings = plan_host_findings(self.exp, self.limits, facts)
-        for f in findings:
-            self.hosts[f.host].setdefault("checks", []).append(
-                {k: getattr(f, k) for k in ("check", "value", "message", "fix")}
-                | {"level": f.level.value}
-            )
-            if f.level is Level.WARN:
-                self._note(f"{f.host}: check {_finding_text(f)}")
-        failed = [f"{f.host}: {_finding_text(f)}" for f in findings if f.level is Level.FAIL]
-        if failed:
-            raise RunFailed("plan check failed: " + "; ".join(failed))
+        self._take_findings(plan_host_findings(self.exp, self.limits, facts), "plan", True)
 
     def _check_host(self, name: str, facts: Mapping[str, Any]) -> None:
-        """``lab doctor``'s host checks, on the facts just read: every finding goes into
-        ``hosts[].checks``; a warning becomes a note (TIME_WAIT excepted: the run waits for
-        those); a failure stops the run before anything starts, naming the check and the fix."""
+        """``lab doctor``'s host checks, on the facts just read (a failure stops the run
+        before anything starts, naming the check and the fix)."""
         if facts.get("error"):
             self._note(f"{name}: host facts unreadable, checks skipped: {facts['error']}")
             return
-        findings = check_host(facts, host=name)
-        self.hosts[name]["checks"] = [
-            {k: getattr(f, k) for k in ("check", "value", "message", "fix")}
-            | {"level": f.level.value}
-            for f in findings
-        ]
+        self._take_findings(check_host(facts, host=name), "host", False)  # _each names it
+
+    def _take_findings(self, findings: Sequence[Finding], what: str, name_host: bool) -> None:
+        """Every finding into ``hosts[].checks``; a warning into the notes; the failures
+        into the RunFailed that stops the run (``name_host``: each named with its host)."""
         for f in findings:
-            if f.level is Level.WARN and f.check != "TIME_WAIT sockets":
-                self._note(f"{name}: check {_finding_text(f)}")
-        failed = [_finding_text(f) for f in findings if f.level is Level.FAIL]
+            self.hosts[f.host].setdefault("checks", []).append(f.as_dict())
+            if f.level is Level.WARN:
+                self._note(f"{f.host}: check {f.text()}")
+        failed = [
+            f"{f.host}: {f.text()}" if name_host else f.text()
+            for f in findings
+            if f.level is Level.FAIL
+        ]
         if failed:
-            raise RunFailed("host check failed: " + "; ".join(failed))  # _each names the host
+            raise RunFailed(f"{what} check failed: " + "; ".join(failed))
 
     async def _settle_time_wait(self, name: str, conn: HostConnection) -> None:
         """Wait (bounded) for an earlier run's TIME_WAIT sockets on the host to expire;
@@ -753,13 +746,6 @@ def _mask_tokens(log: Path) -> None:
         masked = _TOKEN_LINE.sub(r"\1***", text)
         if masked != text:
             log.write_text(masked)
-
-
-def _finding_text(f: Finding) -> str:
-    text = f"{f.check} {f.value}"
-    if f.message:
-        text += f": {f.message}"
-    return text + (f" (fix: {f.fix})" if f.fix else "")
 
 
 def is_bug(exc: BaseException) -> bool:

@@ -123,30 +123,40 @@ def collect_host_metadata() -> dict[str, Any]:
         "rlimits": {"nofile": nofile, "nproc": _rlimit(resource.RLIMIT_NPROC)},
         "sysctls": {name: read_sysctl(name) for name in SYSCTLS},
         "packages": package_versions(CORE_PACKAGES),
-        "addresses": _addresses(),
+        "addresses": read_addresses(),
         "time": time.time(),
     }
 
 
-def _addresses() -> list[list[Any]]:
-    """The host's IP addresses as [address, prefix length, interface]: where an agent may
-    bind its source addresses (on a loopback interface, anywhere in its network)."""
+def read_addresses() -> list[list[Any]]:
+    """The host's IP addresses as [address, prefix length, interface]: where an agent may bind
+    its source addresses. IPv4 from the kernel's local routes (a whole loopback network is
+    local; the interface is not named there), IPv6 from if_inet6. Standard library only: the
+    same function runs in ``lab.ssh``'s facts script on a host with a bare python."""
     import ipaddress
-    import socket
 
-    import psutil
+    def text(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return ""
 
     out: list[list[Any]] = []
-    for name, addrs in psutil.net_if_addrs().items():
-        for a in addrs:
-            if a.family not in (socket.AF_INET, socket.AF_INET6) or not a.netmask:
-                continue
-            address = a.address.split("%", 1)[0]
-            try:
-                net = ipaddress.ip_network(f"{address}/{a.netmask}", strict=False)
-            except ValueError:
-                continue
-            out.append([address, net.prefixlen, name])
+    last = None
+    for line in text("/proc/net/fib_trie").splitlines():
+        item = line.strip()
+        if item.startswith(("|--", "+--")):
+            last = item.split()[1].split("/")[0]
+        elif item.endswith("host LOCAL") and last is not None:
+            entry = [last, int(item.split()[0][1:]), ""]
+            if entry not in out:
+                out.append(entry)
+    for line in text("/proc/net/if_inet6").splitlines():
+        f = line.split()
+        if len(f) >= 6:
+            a = ":".join(f[0][i : i + 4] for i in range(0, 32, 4))
+            out.append([str(ipaddress.ip_address(a)), int(f[2], 16), f[5]])
     return out
 
 

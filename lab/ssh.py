@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import inspect
 import json
 import os
 import shlex
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lab.metadata import read_addresses
 
 if TYPE_CHECKING:
     import asyncssh
@@ -423,7 +426,7 @@ async def measure_clock_offset(conn: HostConnection, python: str, samples: int =
     return best
 
 
-_FACTS_SCRIPT = r"""
+_FACTS_BODY = r"""
 import json, os, platform, resource, sys
 def read(path):
     try:
@@ -447,24 +450,6 @@ for line in (read("/proc/meminfo") or "").splitlines():
         mem[key] = int(rest.split()[0]) * 1024
 tcp = (read("/proc/net/sockstat") or "").partition("TCP:")[2].split("\n")[0].split()
 tw = int(tcp[tcp.index("tw") + 1]) if "tw" in tcp else None
-def addresses():
-    # [address, prefix, interface]: IPv4 from the kernel's local routes (a whole loopback
-    # network is local), IPv6 from if_inet6; what an agent may bind as a source address
-    out, last = [], None
-    for line in (read("/proc/net/fib_trie") or "").splitlines():
-        text = line.strip()
-        if text.startswith(("|--", "+--")):
-            last = text.split()[1].split("/")[0]
-        elif text.endswith("host LOCAL") and last is not None:
-            entry = [last, int(text.split()[0][1:]), ""]
-            if entry not in out:
-                out.append(entry)
-    for line in (read("/proc/net/if_inet6") or "").splitlines():
-        f = line.split()
-        if len(f) >= 6:
-            a = ":".join(f[0][i:i + 4] for i in range(0, 32, 4))
-            out.append([str(__import__("ipaddress").ip_address(a)), int(f[2], 16), f[5]])
-    return out
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 inf = resource.RLIM_INFINITY
 print(json.dumps({
@@ -482,13 +467,17 @@ print(json.dumps({
         "net.ipv4.ip_local_port_range", "net.core.somaxconn",
         "net.ipv4.tcp_max_syn_backlog", "fs.file-max", "fs.nr_open",
         "net.ipv4.ip_nonlocal_bind")},
-    "addresses": addresses(),
+    "addresses": read_addresses(),
     "mem_total_bytes": mem.get("MemTotal"),
     "mem_available_bytes": mem.get("MemAvailable"),
     "tcp_time_wait": tw,
     "time": __import__("time").time(),
 }))
 """
+# the script a host runs with its bare python: lab.metadata's address reader, then the facts
+_FACTS_SCRIPT = (
+    "from __future__ import annotations\n" + inspect.getsource(read_addresses) + _FACTS_BODY
+)
 
 
 async def gather_facts(conn: HostConnection, python: str | None = None) -> dict[str, Any]:

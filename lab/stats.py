@@ -606,7 +606,7 @@ def _quantiles(values: pd.Series) -> tuple[float | None, float | None, float | N
 def _last_per_agent(agent: pd.DataFrame, column: str) -> int | None:
     """The agents' last value of a counter, summed over agents; None when none reported it
     (a run with no agent data measured nothing: it must not read as zero errors)."""
-    if agent.empty or column not in agent or agent[column].isna().all():
+    if agent.empty or agent[column].isna().all():
         return None
     return int(agent.sort_values("t").groupby("agent")[column].last().fillna(0).sum())
 
@@ -698,10 +698,9 @@ def server_restarts(tables: Tables) -> int | None:
     """Server workers restarted during the run (each died: a crash, or a kill), summed over
     the workers; None without lines from a lab.comet server."""
     server = tables.server
-    if server.empty or "restarts" not in server or server["restarts"].isna().all():
+    if server.empty or server["restarts"].isna().all():
         return None
-    keys = ["host", "worker"] if "host" in server else ["worker"]
-    return int(server.groupby(keys)["restarts"].max().fillna(0).sum())
+    return int(server.groupby(["host", "worker"], dropna=False)["restarts"].max().fillna(0).sum())
 
 
 def planned_from_record(record: Mapping[str, Any]) -> dict[str, Any]:

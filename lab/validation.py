@@ -13,7 +13,7 @@ import difflib
 import enum
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +122,8 @@ class Section:
         v = self.data.pop(name)
         choices = [m.value for m in cls]
         if v not in choices:
-            close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(v, [str(c) for c in choices])
+            hint = f"did you mean {close!r}? " if close else ""
             raise self.err(
                 name, f"unknown value {v!r}", f"{hint}use one of: {', '.join(map(str, choices))}"
             )
@@ -155,9 +155,19 @@ class Section:
         for extra in self.data:
             if extra in known:
                 continue
-            close = difflib.get_close_matches(str(extra), known, n=1, cutoff=0.5)
-            fix = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
-            raise self.err(str(extra), "unknown key", fix)
+            raise self.err(str(extra), "unknown key", unknown_key_fix(extra, known))
+
+
+def closest(value: object, choices: Sequence[str], cutoff: float = 0.6) -> str | None:
+    """The choice ``value`` was most likely meant to be (a typo), or None."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def unknown_key_fix(key: object, known: Sequence[str]) -> str:
+    """The fix for an unknown key: the known key it looks like, else the known keys."""
+    close = closest(key, known, cutoff=0.5)
+    return f"did you mean `{close}`?" if close else f"known keys: {', '.join(known)}"
 
 
 def kind_of(v: Any) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import difflib
+import dataclasses
 import functools
 import json
 import os
@@ -48,18 +48,27 @@ from lab.agent.capacity import (
 from lab.agent.proc import ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
 from lab.agent.records import FAILURES, append_file
-from lab.agent.schedule import Arrival, Phase, PlanError, Schedule, build_schedule, simple_phases
+from lab.agent.schedule import (
+    Arrival,
+    Phase,
+    PhaseKind,
+    PlanError,
+    Schedule,
+    build_schedule,
+    simple_phases,
+)
 from lab.agent.target import SessionKind, describe_http_failure, make_target
 from lab.histogram import Histogram
 from lab.limits import read_host_limits, source_addresses_for
+from lab.validation import closest, unknown_key_fix
 
 EMIT_DELAY_S = 0.3  # wait this long after a whole second for the processes' lines
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0  # after a stop, processes get this long before SIGKILL
 SATURATED_CPU_PERCENT = 90.0
 PLAN_KEYS = ("phases", "arrival", "seed")
-PHASE_KINDS = ("ramp", "hold", "close")
-PHASE_KEYS = ("kind", "rate_per_s", "until", "duration_s", "count")
+PHASE_KINDS = tuple(k.value for k in PhaseKind)
+PHASE_KEYS = tuple(f.name for f in dataclasses.fields(Phase))
 SUM_FIELDS = (
     "started",
     "connected",
@@ -246,8 +255,8 @@ def load_plan_file(path: str) -> tuple[list[Phase], str | None, int | None]:
             raise UsageError(f'--plan {path}: {where}: expected {{"kind": "ramp", ...}}')
         kind = ph.get("kind")
         if kind not in PHASE_KINDS:
-            close = difflib.get_close_matches(str(kind), PHASE_KINDS, n=1)
-            hint = f"did you mean `{close[0]}`? " if close else ""
+            close = closest(kind, PHASE_KINDS)
+            hint = f"did you mean `{close}`? " if close else ""
             raise UsageError(
                 f"--plan {path}: {where}: kind {kind!r}: {hint}use one of: {', '.join(PHASE_KINDS)}"
             )
@@ -263,9 +272,9 @@ def _known_keys(path: str, where: str, data: dict[str, Any], known: tuple[str, .
     """UsageError for the first key of ``data`` that is not ``known``, with the closest one."""
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-            fix = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
-            raise UsageError(f"--plan {path}: {where}unknown key `{key}`: {fix}")
+            raise UsageError(
+                f"--plan {path}: {where}unknown key `{key}`: {unknown_key_fix(key, known)}"
+            )
 
 
 class Merger:

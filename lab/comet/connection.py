@@ -413,6 +413,7 @@ class HttpConn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.mode = Mode.SSE
+        self.worker.http_conns.discard(self)  # a stream is never timed: out of the sweep
         hub = self.worker.hub
         messages = hub.catch_up(target)
         if len(target.channels) == 1:
