@@ -12,10 +12,10 @@ import asyncio
 import binascii
 import enum
 import hmac
+from hashlib import sha1
 from typing import TYPE_CHECKING, cast
 
 import httptools
-from websockets.utils import accept_key
 
 from lab.comet.protocol import (
     SSE_HEAD,
@@ -41,6 +41,7 @@ LINGER_S = 2.0
 # (it keeps reading up to then, to see the client go away).
 MAX_QUEUED = 8
 _EMPTY: tuple[str, ...] = ()
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 class HeadTooLarge(Exception):
@@ -130,6 +131,7 @@ class HttpConn(asyncio.Protocol):
         "keep",
         "mode",
         "parser",
+        "prefix",
         "queue",
         "raw_head",
         "req",
@@ -140,8 +142,9 @@ class HttpConn(asyncio.Protocol):
         "worker",
     )
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, prefix: bytes = b"") -> None:
         self.worker = worker
+        self.prefix = prefix  # bytes read before the hand-over (lab.comet.fdio), parsed first
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = None
         self.req: Request | None = None
@@ -165,15 +168,19 @@ class HttpConn(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A connection handed over by the worker's acceptor (which counted it), with the
+        bytes it read already (``prefix``): they are parsed before anything read later."""
         tcp = self.transport = cast(asyncio.Transport, transport)
         worker = self.worker
-        worker.connects += 1
         worker.conns.add(self)
         worker.http_conns.add(self)
-        if len(worker.conns) > worker.max_conns or worker.stopping:
+        if worker.stopping:
             tcp.abort()
             return
         self.parser = httptools.HttpRequestParser(self)
+        prefix, self.prefix = self.prefix, b""
+        if prefix:
+            self.data_received(prefix)
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
@@ -348,32 +355,13 @@ class HttpConn(asyncio.Protocol):
     def _upgrade(self, req: Request, leftover: bytes) -> None:
         worker = self.worker  # the upgrade is part of the connect event, not a message
         try:
-            target = parse_target(req.method, req.url)
+            target = check_upgrade(req)
         except HttpError as exc:
             self._fail(exc.status, exc.message, exc.extra)
             return
-        if target.route is not Route.WS:
-            self._fail(400, f"only /ws accepts an upgrade, not {target.route.value}")
-            return
-        if req.upgrade_header is None or b"websocket" not in req.upgrade_header.lower():
-            self._fail(400, "Upgrade header must be 'websocket'")
-            return
-        if req.ws_version != b"13":
-            self._fail(426, "Sec-WebSocket-Version must be 13", (("Sec-WebSocket-Version", "13"),))
-            return
-        key = req.ws_key
-        try:
-            if key is None or len(binascii.a2b_base64(key, strict_mode=True)) != 16:
-                raise ValueError
-        except (ValueError, binascii.Error):
-            self._fail(400, "Sec-WebSocket-Key must be 16 bytes in base64")
-            return
         transport = self.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key.decode("ascii")).encode()
-        )
+        assert transport is not None and req.ws_key is not None
+        transport.write(switching_protocols(req.ws_key))
         ws = WsConn(worker, transport, worker.channel_tuple(target.channels))
         transport.set_write_buffer_limits(high=worker.max_buffer_bytes)
         for channel in ws.channels:
@@ -564,3 +552,83 @@ def _bearer_matches(auth: bytes | None, token: bytes) -> bool:
         return False
     scheme, _, given = auth.strip().partition(b" ")
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def check_upgrade(req: Request) -> Target:
+    """The target of a WebSocket upgrade request, or ``HttpError`` naming what is wrong."""
+    target = parse_target(req.method, req.url)
+    if target.route is not Route.WS:
+        raise HttpError(400, f"only /ws accepts an upgrade, not {target.route.value}")
+    if req.upgrade_header is None or b"websocket" not in req.upgrade_header.lower():
+        raise HttpError(400, "Upgrade header must be 'websocket'")
+    if req.ws_version != b"13":
+        raise HttpError(426, "Sec-WebSocket-Version must be 13", (("Sec-WebSocket-Version", "13"),))
+    key = req.ws_key
+    try:
+        if key is None or len(binascii.a2b_base64(key, strict_mode=True)) != 16:
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+    return target
+
+
+def switching_protocols(key: bytes) -> bytes:
+    """The 101 answer to an upgrade with ``Sec-WebSocket-Key: key`` (RFC 6455 §4.2.2)."""
+    accept = binascii.b2a_base64(sha1(key + WS_GUID).digest(), newline=False)
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept
+    )
+
+
+class FirstRequest:
+    """Parser callbacks for the fast path: a connection's first request, read whole at accept
+    (``fast_upgrade``). Only what an upgrade needs; anything else goes to ``HttpConn``."""
+
+    __slots__ = ("req", "twice", "url")
+
+    def __init__(self) -> None:
+        self.req = Request()
+        self.url = b""
+        self.twice = False  # a header the server reads came twice (two Host headers: a 400)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        field = _HEADER_FIELDS.get(name.lower())
+        if field is not None:
+            req = self.req
+            if getattr(req, field) is not None:
+                self.twice = True
+            setattr(req, field, value)
+
+
+def fast_upgrade(data: bytes, max_head_bytes: int) -> tuple[Target, bytes] | None:
+    """If ``data`` is exactly one complete and valid WebSocket upgrade request (the common
+    case: what a client sends first, read whole at accept), its target and the 101 answer;
+    else None, and ``HttpConn`` handles the bytes, answering every error as it always does.
+    Returns before anything is written or changed, so that handing over is always safe."""
+    if len(data) > max_head_bytes:
+        return None
+    head = FirstRequest()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(data)
+        return None  # not an upgrade (or not complete)
+    except httptools.HttpParserUpgrade as exc:
+        if exc.args[0] != len(data):
+            return None  # bytes after the request: HttpConn keeps them for the WebSocket
+    except httptools.HttpParserError:
+        return None
+    req = head.req
+    if head.twice or req.host is None or parser.get_http_version() != "1.1":
+        return None
+    req.method = parser.get_method().decode("latin-1")
+    req.url = head.url.decode("latin-1")
+    try:
+        target = check_upgrade(req)
+    except HttpError:
+        return None
+    assert req.ws_key is not None
+    return target, switching_protocols(req.ws_key)

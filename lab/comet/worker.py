@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Any, cast
 
 from lab.comet.config import WorkerConfig
 from lab.comet.connection import HttpConn
+from lab.comet.fdio import Acceptor, Waiting
 from lab.comet.ipc import Decoder, IpcError, encode
 from lab.comet.protocol import CLOSE_GOING_AWAY, Hub, Message, Outgoing, ws_ping_frame
 from lab.comet.websocket import WsConn
@@ -37,7 +37,7 @@ DRAIN_S = 3.0
 # GC: the connections are long-lived and acyclic once set up; collect young objects rarely.
 GC_THRESHOLDS = (50_000, 50, 100)
 
-Conn = HttpConn | WsConn
+Conn = HttpConn | WsConn | Waiting
 
 
 class ControlLink(asyncio.Protocol):
@@ -117,7 +117,7 @@ class Worker:
         self.stopping = False
         self.started = time.monotonic()
         self.link: ControlLink | None = None
-        self.server: asyncio.Server | None = None
+        self.acceptor: Acceptor | None = None
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ sharing
@@ -252,6 +252,7 @@ class Worker:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         sock.bind((self.config.host, self.config.port))
         sock.setblocking(False)
         return sock
@@ -269,9 +270,8 @@ class Worker:
         )
         self.link = link
         sock = self._listen_socket()
-        self.server = await loop.create_server(
-            functools.partial(HttpConn, self), sock=sock, backlog=self.config.backlog
-        )
+        sock.listen(self.config.backlog)
+        self.acceptor = Acceptor(self, sock, loop)
         link.send({"op": "ready", "pid": self.pid, "worker": self.index})
         gc.collect()
         gc.freeze()
@@ -306,8 +306,8 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
-        if self.server is not None:
-            self.server.close()
+        if self.acceptor is not None:
+            self.acceptor.close()
         for conn in list(self.conns):
             if isinstance(conn, WsConn):
                 conn.close(CLOSE_GOING_AWAY, "server shutting down")
