@@ -23,9 +23,13 @@ ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's example answer to KEY
 
 def upgrade(channel: str) -> bytes:
     return (
-        f"GET /ws?channel={channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: "
-    ).encode() + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        (
+            f"GET /ws?channel={channel} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: "
+        ).encode()
+        + KEY
+        + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
 
 
 @pytest.fixture(scope="module")

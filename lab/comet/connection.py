@@ -1,5 +1,8 @@
 """The HTTP side of a worker's connections: ``HttpConn`` (HTTP/1.1 parsed by httptools:
-long-poll, SSE, publish, stats, health, and the WebSocket upgrade to ``WsConn``).
+long-poll, SSE, publish, stats, health, and the WebSocket upgrade to ``WsConn``), and
+``fast_upgrade``: the check of a whole upgrade request read at accept, which lets the worker's
+accept path (``lab.comet.fdio``) answer the common case without an ``HttpConn``; both share
+``check_upgrade`` and ``switching_protocols``.
 
 Memory is the point: an idle WebSocket is a ``WsConn`` with four slots and an entry in its
 channels' subscriber sets. The HTTP parser is dropped at the upgrade (``set_protocol``), and
