@@ -11,9 +11,11 @@ upgrades per second and prints them as JSON lines), then runs ``python -m lab.ag
    included, <= 5 KiB), agent CPU per new connection <= 100 µs, JSON lines, exit 0.
    CPU per connection = user + sys CPU time of the load process(es) from ready (idle, before
    the start) to the first JSON line after the ramp, / connections; printed as user and sys
-   separately. On loopback the sys part includes much of the server's TCP work (the
-   handshake and the request's receive run in the connecting process's syscalls), so it is
-   compared with a bare uvloop client measured the same way on the same server (the floor).
+   separately; the median of ``--cpu-repeats`` such ramps (default 3: the first is the one
+   above; every run is printed), as this VM's speed drifts by a quarter within minutes. On
+   loopback the sys part includes much of the server's TCP work (the handshake and the
+   request's receive run in the connecting process's syscalls), so it is compared with a bare
+   uvloop client measured the same way on the same server (the floor).
 2. One load process asked for 8,400/s (5% over the target), 16,000 connections: connections
    completed per second, first to last, must be >= 8,000; then the same at 10,000/s
    (printed, not checked).
@@ -375,7 +377,7 @@ def check(name: str, ok: bool, figure: str) -> bool:
     return ok
 
 
-def bench(quick: bool) -> int:
+def bench(quick: bool, cpu_repeats: int = 3) -> int:
     from lab.limits import settle_time_wait
 
     results = []
@@ -448,11 +450,21 @@ def bench(quick: bool) -> int:
                 f"{per_conn_uss / 1024:.2f} KiB",
             )
         )
+        # this VM's speed drifts by a quarter within minutes: the same ramp again, median
+        runs = [(ramp_cpu_us, user_us, sys_us)]
+        for _ in range(cpu_repeats - 1):
+            srv_again = Server()
+            again = run_agent(srv_again.port, rate, conns, hold, tmp)
+            srv_again.stop()
+            u, k = cpu_per_conn(again, conns)
+            runs.append((u + k, u, k))
+        mid = sorted(runs)[len(runs) // 2]
         results.append(
             check(
                 "agent CPU per new connection <= 100 µs",
-                ramp_cpu_us <= 100,
-                f"{ramp_cpu_us:.0f} µs = user {user_us:.0f} µs + sys {sys_us:.0f} µs",
+                mid[0] <= 100,
+                f"{mid[0]:.0f} µs = user {mid[1]:.0f} µs + sys {mid[2]:.0f} µs (median of "
+                f"{len(runs)} ramps: {', '.join(f'{r[0]:.0f}' for r in runs)} µs)",
             )
         )
         print(
@@ -551,6 +563,12 @@ if __name__ == "__main__":
         help="let server and agent share every core (by default, on a machine with 2 or more "
         "cores, the server runs on CPU 1 and the agent and the floor client on CPU 0)",
     )
+    ap.add_argument(
+        "--cpu-repeats",
+        type=int,
+        default=3,
+        help="ramps whose median is the CPU-per-connection figure (default 3; each printed)",
+    )
     a = ap.parse_args()
     PIN = not a.no_pin and (os.cpu_count() or 1) >= 2
     sys.path.insert(0, str(ROOT))
@@ -561,4 +579,4 @@ if __name__ == "__main__":
     if a.serve is not None:
         serve("127.0.0.1", a.serve)
         raise SystemExit(0)
-    raise SystemExit(bench(a.quick))
+    raise SystemExit(bench(a.quick, max(1, a.cpu_repeats)))
