@@ -218,6 +218,13 @@ def test_hosts_inline_file_and_inventory_replacement(tmp_path: Path) -> None:
     assert "not found" in e.problem and "missing.yaml" in e.file
     e = error(tmp_path, MINIMAL + "server: {on: x}\n")
     assert "on_host" in e.fix
+    # the embedded server is this machine: it cannot stand for a host at another address
+    e = error(tmp_path, MINIMAL + "hosts: [{name: far, address: 198.18.0.9, embedded: true}]\n")
+    assert e.key == "hosts.0.embedded" and "198.18.0.9" in e.problem and "drop" in e.fix
+    exp = load_experiment(
+        write(tmp_path, MINIMAL + "hosts: [{name: me, address: 127.0.0.1, embedded: true}]\n")
+    )
+    assert exp.hosts[0].embedded
 
 
 def test_source_ip_ranges() -> None:
