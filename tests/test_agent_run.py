@@ -318,3 +318,33 @@ def test_progress_line_shows_failures_by_reason(comet: int) -> None:
     progress = [x for x in p.stderr.splitlines() if x.startswith("[agent a0]")]
     # the five fail within 50 ms of the start, before the first line
     assert progress and all(" failed=5 (http 5) " in x for x in progress), p.stderr
+
+
+def test_a_holding_load_process_wakes_rarely(comet: int) -> None:
+    """While no connection opens or closes (a hold), the sockets are read every 20 ms, not
+    every 2 ms: agents sharing cores with a server cost its fan-out less (see proc.py)."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [PY, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{comet}/ws",
+         "--rate", "400", "--connections", "40", "--hold", "4"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        json.loads(proc.stdout.readline())  # 1 s in: the ramp (0.1 s) is over, the hold is on
+        (load,) = [
+            c
+            for c in psutil.Process(proc.pid).children()
+            if "lab.agent.proc" in " ".join(c.cmdline())
+        ]
+        before = load.num_ctx_switches().voluntary
+        line = json.loads(proc.stdout.readline())  # one second of the hold later
+        woke = load.num_ctx_switches().voluntary - before
+        assert line["open"] == 40
+        # a 20 ms tick and the once-a-second line: ~50; a 2 ms tick would be ~500
+        assert woke < 150, woke
+        proc.stdout.read()
+    finally:
+        proc.wait(30)
+    assert proc.returncode == 0

@@ -75,6 +75,7 @@ class Poller:
         self.ep = select.epoll()
         self.fds: list[SockTransport | None] = []
         self.sh = sh
+        self.tick_s = 0.0  # set by start(); the load process may change it between ticks
 
     def start(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0) -> None:
         self.loop = loop
