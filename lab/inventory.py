@@ -10,12 +10,12 @@ ssh-agent). ``load_inventory(path)`` validates one; ``lab.experiment`` re-export
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.comet.config import is_loopback
 from lab.validation import ExperimentError, Section, read_yaml
 
 LOCAL_HOST = "local"
@@ -58,7 +58,7 @@ def host_from_dict(file: str, key: str, raw: Any) -> HostSpec:
         insecure_skip_host_key_check=s.bool_("insecure_skip_host_key_check", False),
         embedded=embedded,
     )
-    if embedded and not _is_loopback(spec.address):
+    if embedded and not is_loopback(spec.address):
         raise s.err(
             "embedded",
             f"the embedded SSH server runs inside the controller, on this machine, so it "
@@ -71,15 +71,6 @@ def host_from_dict(file: str, key: str, raw: Any) -> HostSpec:
             raise s.err(secret, "secrets do not belong in inventory files", "use an SSH key/agent")
     s.done(HOST_KEYS)
     return spec
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # a host name: not this machine's loopback
 
 
 def hosts_from_data(file: str, key: str, raw: Any) -> tuple[HostSpec, ...]:
