@@ -60,7 +60,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
-from lab.agent.transport import ANC_BYTES, SO_TIMESTAMPNS
 from lab.comet.launch import ServerProcess
 from lab.limits import (
     fast_ports_per_pair,
@@ -68,6 +67,7 @@ from lab.limits import (
     read_host_limits,
     settle_time_wait,
 )
+from lab.rawio import ANC_BYTES, SO_TIMESTAMPNS
 
 PER_CLIENT_PROC = 12_000
 CONN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP

@@ -45,7 +45,8 @@ from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
 from lab.agent.records import Outcome, Records
 from lab.agent.schedule import Arrival, Phase, PhaseKind, build_schedule
 from lab.agent.session import CLIENTS, SessionKind, Shared, Target, classify, make_target
-from lab.agent.transport import (
+from lab.limits import raise_nofile_soft_limit
+from lab.rawio import (
     EPOLLIN,
     EPOLLOUT,
     OPEN,
@@ -54,7 +55,6 @@ from lab.agent.transport import (
     SockTransport,
     kernel_timestamps_on,
 )
-from lab.limits import raise_nofile_soft_limit
 
 BATCH = 256  # opens/closes per scheduler turn before yielding to I/O
 CLOSE_GRACE_S = 3.0  # how long a clean close may take at the end before aborting

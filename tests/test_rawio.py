@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from lab.agent.proc import SOCK_STREAM_NONBLOCK
-from lab.agent.transport import EPOLLIN, EPOLLOUT, Poller, SockTransport
+from lab.rawio import EPOLLIN, EPOLLOUT, Poller, SockTransport
 
 
 class Recorder:
@@ -164,7 +164,7 @@ def test_connecting_waits_for_the_handshake_and_reports_a_refusal() -> None:
 
 
 def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> None:
-    from lab.agent.transport import SO_TIMESTAMPNS, kernel_timestamps_on
+    from lab.rawio import SO_TIMESTAMPNS, kernel_timestamps_on
 
     class Shared:
         rx_time = 0.0

@@ -1,12 +1,14 @@
-"""The load process's connection I/O: one epoll set (``Poller``) for all its sockets and a
-``SockTransport`` per connection, which gives the session protocols (``lab.agent.session``)
-the few asyncio transport calls they make, with no task, coroutine, event-loop transport or
-(unless kernel receive times are wanted) socket object per connection.
+"""Connection I/O on raw file descriptors, for the load agent's processes and the comet
+server's workers: one epoll set (``Poller``) for all of a process's sockets and a
+``SockTransport`` per connection, which gives the protocols (``lab.agent.session``'s clients,
+``lab.comet``'s ``WsConn``) the few asyncio transport calls they make, with no task,
+coroutine, event-loop transport or (unless kernel receive times are wanted) socket object per
+connection.
 
 What it is for: at thousands of new connections a second in one Python process, asyncio's
 per-connection machinery (a task, ``create_connection``'s coroutine and futures, a uvloop
 transport) cost more CPU and memory than the connection's own syscalls; this keeps a
-connection to a file descriptor, four slots and one ``epoll_ctl``.
+connection to a file descriptor, seven slots and one ``epoll_ctl``.
 """
 
 from __future__ import annotations
@@ -65,16 +67,22 @@ class Poller:
     waking the process at each arrival. Meant for sockets read with kernel receive times, whose
     measurements do not depend on when they are read: on a host shared with the server, a
     broadcast to thousands of sockets then wakes no agent process per message (each wake-up
-    is paid inside the server's send()), and the agent reads in batches."""
+    is paid inside the server's send()), and the agent reads in batches.
 
-    __slots__ = ("ep", "fds", "loop", "sh", "tick_s")
+    ``max_buffer`` (0: none): the bytes a transport may hold for a slow peer before its
+    protocol's ``pause_writing()`` is called (a server cuts such a client). ``fds`` may also
+    hold other entries with ``state``, ``ready(ev)`` and ``_read()`` (a server's connection
+    waiting for its first bytes)."""
+
+    __slots__ = ("ep", "fds", "loop", "max_buffer", "sh", "tick_s")
 
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self, sh: Any = None) -> None:
+    def __init__(self, sh: Any = None, max_buffer: int = 0) -> None:
         self.ep = select.epoll()
-        self.fds: list[SockTransport | None] = []
+        self.fds: list[Any] = []
         self.sh = sh
+        self.max_buffer = max_buffer
         self.tick_s = 0.0  # set by start(); the load process may change it between ticks
 
     def start(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0) -> None:
@@ -90,7 +98,8 @@ class Poller:
             pass
         self.loop.call_later(self.tick_s, self._tick)
 
-    def add(self, tr: SockTransport, mask: int) -> None:
+    def add(self, tr: Any, mask: int) -> None:
+        """Watch ``tr.fd`` for ``mask``; ``fds[fd]`` is ``tr`` until it is closed."""
         fd = tr.fd
         fds = self.fds
         if fd >= len(fds):
@@ -132,7 +141,7 @@ class SockTransport:
         self.poller = poller
         self.fd = fd
         self.proto = proto
-        self.buf = b""
+        self.buf: bytes | bytearray = b""  # what waits for EPOLLOUT (a bytearray once any)
         self.mask = 0  # the epoll events asked for; 0 until registered
         self.state = SockTransport.CONNECTING
         self.sock: Any = None
@@ -141,7 +150,7 @@ class SockTransport:
         if self.state >= SockTransport.CLOSING:
             return
         if self.buf or self.state == SockTransport.CONNECTING:
-            self.buf += data
+            self._keep(data)
             return
         try:
             n = os.write(self.fd, data)
@@ -151,9 +160,21 @@ class SockTransport:
             self._close_fd(exc)
             return
         if n < len(data):
-            self.buf = data[n:]
             if self.mask:
                 self._want(EPOLLIN | EPOLLOUT)
+            self._keep(memoryview(data)[n:])
+
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Buffer ``data`` for EPOLLOUT (appending in place); past the poller's
+        ``max_buffer``, tell the protocol (``pause_writing``)."""
+        buf = self.buf
+        if buf:
+            buf += data  # a bytearray: in place
+        else:
+            buf = self.buf = bytearray(data)
+        limit = self.poller.max_buffer
+        if limit and len(buf) > limit:
+            self.proto.pause_writing()
 
     def close(self) -> None:
         if self.state >= SockTransport.CLOSING:
@@ -225,8 +246,9 @@ class SockTransport:
             except OSError as exc:
                 self._close_fd(exc)
                 return
-            self.buf = buf = buf[n:]
+            del buf[:n]  # type: ignore[union-attr]  # a bytearray whenever not empty
         if not buf:
+            self.buf = b""
             if self.state == SockTransport.CLOSING:
                 self._close_fd(None)
             else:
