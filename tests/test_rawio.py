@@ -1,4 +1,4 @@
-"""lab.agent.transport on loopback sockets: the Poller (one epoll set for every
+"""lab.rawio on loopback sockets: the Poller (one epoll set for every
 connection) and SockTransport (the transport calls the session protocols make)."""
 
 from __future__ import annotations
