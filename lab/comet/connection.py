@@ -15,6 +15,7 @@ import asyncio
 import binascii
 import enum
 import hmac
+import logging
 from hashlib import sha1
 from typing import TYPE_CHECKING, cast
 
@@ -36,6 +37,8 @@ from lab.comet.websocket import WsConn
 
 if TYPE_CHECKING:
     from lab.comet.worker import Worker
+
+log = logging.getLogger("lab.comet.worker")
 
 # Seconds an HTTP connection answered with an error keeps reading (and discarding) what the
 # client still sends, so that closing does not reset the connection before it reads the answer.
@@ -183,7 +186,11 @@ class HttpConn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         prefix, self.prefix = self.prefix, b""
         if prefix:
-            self.data_received(prefix)
+            try:
+                self.data_received(prefix)
+            except Exception:  # a bug: uvloop would only log it and leave the connection open
+                log.exception("worker %d: a request failed; connection closed", worker.index)
+                tcp.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
@@ -206,8 +213,12 @@ class HttpConn(asyncio.Protocol):
         if self.rest is not None:  # an upgrade is waiting its turn: these are WebSocket bytes
             self.rest += data
             return
-        if self.mode is Mode.LP and len(self.queue) >= MAX_QUEUED and self.transport is not None:
-            self.transport.pause_reading()  # resumed once the long-poll is answered
+        if self.transport is not None and (
+            self.mode is Mode.PUB or (self.mode is Mode.LP and len(self.queue) >= MAX_QUEUED)
+        ):
+            # resumed once the publish or long-poll is answered; asked again here because
+            # uvloop ignores a pause asked inside connection_made (a hand-over's first bytes)
+            self.transport.pause_reading()
         if self.in_head:
             self.raw_head += len(data)
         try:
@@ -588,17 +599,24 @@ class FirstRequest:
     """Parser callbacks for the fast path: a connection's first request, read whole at accept
     (``fast_upgrade``). Only what an upgrade needs; anything else goes to ``HttpConn``."""
 
-    __slots__ = ("req", "twice", "url")
+    __slots__ = ("head_bytes", "messages", "req", "twice", "url")
 
     def __init__(self) -> None:
         self.req = Request()
         self.url = b""
         self.twice = False  # a header the server reads came twice (two Host headers: a 400)
+        self.messages = 0  # requests begun in these bytes: more than one goes to HttpConn
+        self.head_bytes = 0  # counted as HttpConn counts them
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
         field = _HEADER_FIELDS.get(name.lower())
         if field is not None:
             req = self.req
@@ -625,7 +643,15 @@ def fast_upgrade(data: bytes, max_head_bytes: int) -> tuple[Target, bytes] | Non
     except httptools.HttpParserError:
         return None
     req = head.req
-    if head.twice or req.host is None or parser.get_http_version() != "1.1":
+    if (
+        head.messages != 1
+        or head.twice
+        or head.head_bytes > max_head_bytes
+        or req.host is None
+        or req.content_length is not None  # HttpConn checks the size against its limit
+        or req.expect is not None  # HttpConn answers 100 Continue
+        or parser.get_http_version() != "1.1"
+    ):
         return None
     req.method = parser.get_method().decode("latin-1")
     req.url = head.url.decode("latin-1")

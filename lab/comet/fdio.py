@@ -167,7 +167,11 @@ class Acceptor:
     def first_bytes(self, fd: int, data: bytes) -> None:
         """A new connection's first bytes: a WebSocket upgrade done here, or ``HttpConn``."""
         worker = self.worker
-        upgrade = fast_upgrade(data, worker.max_head_bytes)
+        try:
+            upgrade = fast_upgrade(data, worker.max_head_bytes)
+        except Exception:  # a bug: HttpConn answers (or closes) the request instead
+            log.exception("worker %d: the fast path failed on a request", worker.index)
+            upgrade = None
         if upgrade is None:
             self.hand_over(fd, data)
             return
@@ -184,18 +188,29 @@ class Acceptor:
     def hand_over(self, fd: int, data: bytes) -> None:
         """Serve the connection with ``HttpConn`` on a uvloop transport; ``data`` (already
         read) is parsed first."""
+        worker = self.worker
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-        conn = HttpConn(self.worker, data)
+        conn = HttpConn(worker, data)
+        # counted at once, so that the next accept sees the worker's connection limit
+        worker.conns.add(conn)
+        worker.http_conns.add(conn)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
-        task.add_done_callback(_log_failure)
+        task.add_done_callback(lambda t: self._handed(t, conn, sock))
+
+    def _handed(self, task: asyncio.Task[Any], conn: HttpConn, sock: socket.socket) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.warning(
+            "worker %d: handing a connection over failed: %s", self.worker.index, task.exception()
+        )
+        if conn.transport is None and conn in self.worker.conns:
+            self.worker.conns.discard(conn)
+            self.worker.http_conns.discard(conn)
+            self.worker.closes += 1
+            sock.close()
 
     def close_fd(self, fd: int) -> None:
         """A connection that ends before it was served (counted as a close)."""
         self.worker.closes += 1
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("handing a connection to HttpConn failed: %s", task.exception())

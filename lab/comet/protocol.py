@@ -429,7 +429,10 @@ def _since(
 def parse_target(method: str, url: str, last_event_id: str | None = None) -> Target:
     """Validate a request line's method and target; raise ``HttpError`` (404, 405, 400).
     Cached: thousands of clients send the same few targets (``/ws?channel=room``)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "//[": an unclosed IPv6 authority
+        raise HttpError(400, f"bad request target {url[:60]!r}: {exc}") from None
     path = parts.path
     try:
         query = parse_qs(parts.query, keep_blank_values=True, errors="strict")
