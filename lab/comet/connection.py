@@ -175,11 +175,10 @@ class HttpConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """A connection handed over by the worker's acceptor (which counted it), with the
-        bytes it read already (``prefix``): they are parsed before anything read later."""
+        bytes it read already (``prefix``): they are parsed before anything read later. The
+        acceptor already counted it in ``worker.conns`` and ``worker.http_conns``."""
         tcp = self.transport = cast(asyncio.Transport, transport)
         worker = self.worker
-        worker.conns.add(self)
-        worker.http_conns.add(self)
         if worker.stopping:
             tcp.abort()
             return
