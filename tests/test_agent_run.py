@@ -135,6 +135,30 @@ def test_plan_file_with_two_processes_and_poisson(comet: int, tmp_path: Path) ->
     assert Counter(r["proc"]) == {0: (n + 1) // 2, 1: n // 2}
 
 
+def test_processes_open_in_turn_at_a_rate_one_keeps(comet: int, tmp_path: Path) -> None:
+    """At 400/s two processes take turns: the first opens connections 0..79, then the second
+    80..159; the records map every row back to its place in the schedule."""
+    rec = tmp_path / "t.rec"
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", f"ws://127.0.0.1:{comet}/ws?channel=t", "--rate", "400",
+         "--connections", "160", "--hold", "0.2", "--procs", "2", "--records", str(rec)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "over 2 process(es) (opening in turn)" in p.stderr
+    end = json.loads(p.stdout.splitlines()[-1])
+    assert end["outcome"] == "completed" and end["connected"] == 160, end
+    r = read_records(rec)
+    by_proc = {k: sorted(c for c, q in zip(r["conn"], r["proc"], strict=True) if q == k)
+               for k in (0, 1)}  # fmt: skip
+    assert by_proc == {0: list(range(80)), 1: list(range(80, 160))}
+    order = sorted(range(160), key=r["conn"].__getitem__)
+    scheduled = [r["scheduled"][i] for i in order]
+    assert scheduled == sorted(scheduled)  # conn is the arrival order
+    last_of_first = max(r["started"][i] for i in order[:80])
+    assert last_of_first < min(r["started"][i] for i in order[80:])
+
+
 def test_max_duration_bounds_the_run(comet: int) -> None:
     p = subprocess.run(
         [

@@ -81,6 +81,54 @@ def test_shards_partition_the_schedule() -> None:
     assert list(shards[2].close_s) == list(s.close_s[2::3])
 
 
+def test_processes_take_turns_when_one_keeps_the_rate() -> None:
+    """2,500/s to 64,000 over 4 processes: one opens at a time (consecutive runs of 16,000),
+    so each wakes with ~5 connections due rather than ~1; the shards still partition the
+    schedule and map back to it through first and step."""
+    s = build_schedule(simple_phases(2500, 64_000, 1, None))
+    assert s.lanes(4, 6000) == 1
+    shards = [s.shard(p, 4, 1) for p in range(4)]
+    assert [(x.first, x.step, len(x)) for x in shards] == [
+        (0, 1, 16_000), (16_000, 1, 16_000), (32_000, 1, 16_000), (48_000, 1, 16_000)
+    ]  # fmt: skip
+    for x in shards:
+        assert list(x.open_s) == list(s.open_s[x.first : x.first + len(x)])
+    assert shards[0].open_s[-1] < shards[1].open_s[0]  # process 1 starts when 0 is done
+    # 20,000/s needs 4 side by side (at most 6,000/s each): plain interleaving
+    fast = build_schedule(simple_phases(20_000, 64_000, 1, None))
+    assert fast.lanes(4, 6000) == 4
+    assert [(x.first, x.step) for x in (fast.shard(p, 4, 4) for p in range(4))] == [
+        (p, 4) for p in range(4)
+    ]
+    assert fast.shard(1, 4, 4).open_s == fast.shard(1, 4).open_s
+
+
+def test_lanes_mix_interleaving_and_turns() -> None:
+    """10,000/s over 5 processes: 2 lanes (5,000/s each); lane 0 has 3 processes, lane 1 has
+    2, each taking consecutive runs of its lane; together exactly the schedule, once."""
+    s = build_schedule(simple_phases(10_000, 1001, 1, None))
+    lanes = s.lanes(5, 6000)
+    assert lanes == 2
+    shards = [s.shard(p, 5, lanes) for p in range(5)]
+    conns = [x.first + k * x.step for x in shards for k in range(len(x))]
+    assert sorted(conns) == list(range(1001))
+    assert {x.step for x in shards} == {2}
+    assert [len(x) for x in shards] == [167, 250, 167, 250, 167]
+    for x in shards:
+        assert list(x.open_s) == [s.open_s[x.first + k * x.step] for k in range(len(x))]
+
+
+def test_plans_that_close_while_opening_stay_interleaved() -> None:
+    """With churn a run of consecutive connections could exceed a process's share of the peak
+    (its open files): such plans interleave over every process."""
+    churn = build_schedule([ramp(100, until=100), close(100, count=50), ramp(100, duration_s=1)])
+    assert churn.lanes(3, 6000) == 3
+    assert build_schedule(simple_phases(100, 100, 1, None)).lanes(3, 6000) == 1
+    assert build_schedule(simple_phases(100, 100, 1, None)).lanes(1, 6000) == 1
+    with pytest.raises(ValueError, match="out of range"):
+        churn.shard(0, 3, 4)
+
+
 def test_peak_rate_is_the_fastest_phase_not_a_whole_second_count() -> None:
     """A ramp shorter than a second asks its rate of the processes though it opens fewer
     connections than that in its one second."""

@@ -28,7 +28,8 @@ AGENT_BYTES_PER_CONN = 3 * 1024
 KERNEL_BYTES_PER_SOCKET = 4 * 1024
 # One agent process: interpreter, uvloop, websockets, buffers.
 PROCESS_BYTES = 48 * 1024 * 1024
-# New connections per second that ``--procs auto`` plans per agent process. One process has
+# New connections per second that ``--procs auto`` plans per agent process, and the most a
+# process opens while the others wait their turn (``Schedule.lanes``). One process has
 # sustained ~10,000/s against a minimal server on a core of its own here (bench_agent.py);
 # sharing the cores with the server and a monitor, it gets less: keep headroom.
 RATE_PER_PROCESS = 6000.0
@@ -57,6 +58,7 @@ class Demand:
     procs: int
     sources: int
     destinations: int
+    lanes: int | None = None  # processes opening side by side (Schedule.lanes); None: procs
 
 
 def auto_procs(
@@ -191,7 +193,7 @@ def check_capacity(
             f"{fast} that connect() serves fast (Linux scans its even ports first): expect "
             f"connects to slow down; add source addresses ({_ip_range_text(first, need)})"
         )
-    rate_per_proc = demand.peak_rate_per_s / demand.procs
+    rate_per_proc = demand.peak_rate_per_s / (demand.lanes or demand.procs)
     if rate_per_proc > RATE_PER_PROCESS_WARN:
         warnings.append(
             f"rate: {rate_per_proc:.0f} new connections/s per process is past the "

@@ -37,6 +37,7 @@ from typing import IO, Any
 import psutil
 
 from lab.agent.capacity import (
+    RATE_PER_PROCESS,
     CapacityError,
     Demand,
     auto_procs,
@@ -622,7 +623,10 @@ def prepare(
         sources = parse_source_ips(args.source_ips, needed=needed, loopback=loopback)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    warnings = check_capacity(Demand(peak, peak_rate, procs, len(sources), destinations), limits)
+    lanes = schedule.lanes(procs, RATE_PER_PROCESS)
+    warnings = check_capacity(
+        Demand(peak, peak_rate, procs, len(sources), destinations, lanes), limits
+    )
     check_source_ips(sources)
     publish = None
     if args.publish_url:
@@ -641,6 +645,7 @@ def prepare(
         {
             "proc": k,
             "procs": procs,
+            "lanes": lanes,
             "agent": args.agent_id,
             "session": kind.value,
             "urls": list(args.url),
@@ -660,6 +665,14 @@ def prepare(
     return schedule, cfgs, publish, warnings
 
 
+def _side_by_side(cfgs: list[ProcConfigJSON]) -> str:
+    """`` (L opening side by side)`` when fewer than all processes open at once."""
+    lanes = cfgs[0].get("lanes", len(cfgs))
+    if lanes >= len(cfgs):
+        return ""
+    return f" ({lanes} opening at a time, in turn)" if lanes > 1 else " (opening in turn)"
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``python -m lab.agent`` / ``lab agent``: run the plan; 0 when it ran (connect errors are
     data), 2 with a message on stderr when it could not run (bad flags, capacity)."""
@@ -673,7 +686,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"lab.agent: warning: {w}", file=sys.stderr)
     if not args.quiet:
         print(
-            f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es), "
+            f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es)"
+            f"{_side_by_side(cfgs)}, "
             f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s",
             file=sys.stderr,
         )

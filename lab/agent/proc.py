@@ -88,6 +88,7 @@ class ProcConfigJSON(TypedDict, total=False):
 
     proc: int
     procs: int
+    lanes: int  # processes opening side by side (Schedule.lanes); absent: procs
     agent: str
     session: str
     urls: list[str]
@@ -139,9 +140,19 @@ class LoadProcess:
             arrival=Arrival(cfg.get("arrival", "uniform")),
             seed=int(cfg.get("seed", 0)),
         )
-        self.sched = full.shard(self.proc, self.procs)
+        lanes = cfg.get("lanes")
+        self.sched = full.shard(self.proc, self.procs, None if lanes is None else int(lanes))
         n = len(self.sched)
-        self.records = Records(n, proc=self.proc, procs=self.procs, agent=str(cfg.get("agent", "")))
+        # row i is the agent's connection first + i * step
+        self.first, self.step = self.sched.first, self.sched.step
+        self.records = Records(
+            n,
+            proc=self.proc,
+            procs=self.procs,
+            agent=str(cfg.get("agent", "")),
+            first=self.first,
+            step=self.step,
+        )
         kind = SessionKind(cfg.get("session", "websocket"))
         self.targets: list[Target] = [
             make_target(u, kind, lp_timeout_s=float(cfg.get("lp_timeout_s", 25.0)))
@@ -242,7 +253,7 @@ class LoadProcess:
         connection: the socket joins the process's epoll set (``Poller``)."""
         sh = self.sh
         # the agent-wide index spreads connections over (source, destination) pairs
-        src, tgt, addr = self.dests[(i * self.procs + self.proc) % self.pairs]
+        src, tgt, addr = self.dests[(self.first + i * self.step) % self.pairs]
         rec = self.records
         rec.started[i] = self.start_at + (time.monotonic() - self.mono0)  # = self._unix()
         rec.outcome[i] = PENDING

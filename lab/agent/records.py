@@ -11,6 +11,7 @@ blocks of its processes into one file). Each block::
     b"CLREC1\\n"                          magic
     uint32 little-endian                 length of the JSON header that follows
     JSON header (UTF-8)                  {"n": rows, "proc": p, "procs": P, "agent": name,
+                                          "first": f, "step": s,
                                           "byteorder": "little", "outcomes": [names...],
                                           "columns": [["scheduled","d"], ["started","d"],
                                                       ["connected","d"], ["closed","d"],
@@ -19,7 +20,8 @@ blocks of its processes into one file). Each block::
     'd' = float64, 'b' = int8), byte order as in the header
 
 Times are unix seconds (float64), NaN when the event never happened. The connection number
-``conn`` is the agent-wide arrival index: ``row * procs + proc``.
+``conn`` is the agent-wide arrival index: ``first + row * step`` (a block without ``first`` and
+``step``, as written before processes could take consecutive runs: ``proc + row * procs``).
 """
 
 from __future__ import annotations
@@ -73,18 +75,32 @@ class Records:
         "agent",
         "closed",
         "connected",
+        "first",
         "n",
         "outcome",
         "proc",
         "procs",
         "scheduled",
         "started",
+        "step",
     )
 
-    def __init__(self, n: int, *, proc: int = 0, procs: int = 1, agent: str = "") -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        proc: int = 0,
+        procs: int = 1,
+        agent: str = "",
+        first: int | None = None,
+        step: int | None = None,
+    ) -> None:
         self.n = n
         self.proc = proc
         self.procs = procs
+        # row k is the agent's connection first + k * step (Schedule.shard)
+        self.first = proc if first is None else first
+        self.step = procs if step is None else step
         self.agent = agent
         nans = array("d", [NAN]) * n
         self.scheduled = array("d", nans)
@@ -99,6 +115,8 @@ class Records:
             "n": self.n,
             "proc": self.proc,
             "procs": self.procs,
+            "first": self.first,
+            "step": self.step,
             "agent": self.agent,
             "byteorder": sys.byteorder,
             "outcomes": [o.label for o in Outcome],
@@ -136,6 +154,7 @@ def read_records(path: str | Path) -> dict[str, list]:
         header = json.loads(data[pos : pos + hlen])
         pos += hlen
         n, proc, procs = int(header["n"]), int(header["proc"]), int(header["procs"])
+        first, step = int(header.get("first", proc)), int(header.get("step", procs))
         names = header["outcomes"]
         cols: dict[str, array] = {}
         for name, code in header["columns"]:
@@ -148,7 +167,7 @@ def read_records(path: str | Path) -> dict[str, list]:
             pos += size
             cols[name] = a
         rows = min(len(a) for a in cols.values())
-        out["conn"].extend(i * procs + proc for i in range(rows))
+        out["conn"].extend(range(first, first + rows * step, step))
         out["proc"].extend([proc] * rows)
         for name in ("scheduled", "started", "connected", "closed"):
             out[name].extend(cols[name][:rows])
