@@ -150,7 +150,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--procs",
         default="auto",
         help="load processes: N or auto (enough for the open-file limit and the rate; "
-        "default auto)",
+        "default auto). They open in turn, each a consecutive run of the schedule, as long as "
+        "fewer side by side keep the rate (at most 6,000/s each); a plan that closes "
+        "connections while it still opens others interleaves them over every process",
     )
     a(
         "--source-ips",
