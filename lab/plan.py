@@ -239,7 +239,8 @@ def _agent_source_ips(
             f"list {needed} addresses configured on {host} in agents.source_ips.{host}, "
             f"add agent hosts, or widen net.ipv4.ip_local_port_range on {host}",
         )
-    # One address per process at least, so no process shares a pair beyond its ports.
+    # At least one address per process: a connection's address follows its place in the
+    # agent's schedule (whichever process opens it), so each pair holds connections / pairs.
     count = max(needed, procs)
     if first_free + count - 1 > 254:
         raise CapacityError(

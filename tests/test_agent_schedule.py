@@ -104,18 +104,41 @@ def test_processes_take_turns_when_one_keeps_the_rate() -> None:
 
 
 def test_lanes_mix_interleaving_and_turns() -> None:
-    """10,000/s over 5 processes: 2 lanes (5,000/s each); lane 0 has 3 processes, lane 1 has
-    2, each taking consecutive runs of its lane; together exactly the schedule, once."""
+    """10,000/s over 4 processes: 2 lanes (5,000/s each), each lane's 2 processes taking
+    consecutive runs of it; together exactly the schedule, once, in equal shares."""
     s = build_schedule(simple_phases(10_000, 1001, 1, None))
-    lanes = s.lanes(5, 6000)
+    lanes = s.lanes(4, 6000)
     assert lanes == 2
-    shards = [s.shard(p, 5, lanes) for p in range(5)]
+    shards = [s.shard(p, 4, lanes) for p in range(4)]
     conns = [x.first + k * x.step for x in shards for k in range(len(x))]
     assert sorted(conns) == list(range(1001))
     assert {x.step for x in shards} == {2}
-    assert [len(x) for x in shards] == [167, 250, 167, 250, 167]
+    assert [len(x) for x in shards] == [250, 250, 251, 250]
     for x in shards:
         assert list(x.open_s) == [s.open_s[x.first + k * x.step] for k in range(len(x))]
+
+
+def test_lanes_divide_the_processes_so_that_shares_stay_equal() -> None:
+    """A lane count that does not divide the processes would give some processes two shares
+    (64,000 at 13,000/s over 4 processes in 3 lanes: 10,667 / 21,333 / 21,333 / 10,667, past
+    the open-file limit the capacity check counts on): the next divisor is taken."""
+    s = build_schedule(simple_phases(13_000, 64_000, 1, None))
+    assert s.lanes(4, 6000) == 4  # 3 needed: 4 is the next divisor of 4
+    assert max(len(s.shard(p, 4, 4)) for p in range(4)) == 16_000
+    assert build_schedule(simple_phases(10_000, 600, 1, None)).lanes(5, 6000) == 5
+    assert build_schedule(simple_phases(10_000, 600, 1, None)).lanes(6, 6000) == 2
+    assert build_schedule(simple_phases(13_000, 600, 1, None)).lanes(6, 6000) == 3
+    assert build_schedule(simple_phases(100_000, 600, 1, None)).lanes(6, 6000) == 6
+
+
+def test_close_rates_count_for_the_lanes() -> None:
+    """Closes go oldest first, so a lane's closes fall on one process at a time: a fast
+    close phase needs lanes as a fast ramp does; closing all at once needs none."""
+    s = build_schedule(simple_phases(100, 1000, 1, 20_000))
+    assert s.phase_close_rate_per_s == (0.0, 0.0, 20_000.0)
+    assert s.lanes(4, 6000) == 4
+    assert build_schedule(simple_phases(100, 1000, 1, 5000)).lanes(4, 6000) == 1
+    assert build_schedule(simple_phases(100, 1000, 1, None)).lanes(4, 6000) == 1
 
 
 def test_plans_that_close_while_opening_stay_interleaved() -> None:
@@ -123,6 +146,9 @@ def test_plans_that_close_while_opening_stay_interleaved() -> None:
     (its open files): such plans interleave over every process."""
     churn = build_schedule([ramp(100, until=100), close(100, count=50), ramp(100, duration_s=1)])
     assert churn.lanes(3, 6000) == 3
+    # a close at the very time of the last open counts as churn too (opens go first)
+    same = [ramp(100, until=100), close(100, count=50), ramp(100, duration_s=0.005)]
+    assert build_schedule(same).lanes(2, 6000) == 2
     assert build_schedule(simple_phases(100, 100, 1, None)).lanes(3, 6000) == 1
     assert build_schedule(simple_phases(100, 100, 1, None)).lanes(1, 6000) == 1
     with pytest.raises(ValueError, match="out of range"):

@@ -2,7 +2,8 @@
 
 What it is for: ``python -m lab.agent`` lands here (``main``). It builds the schedule from the
 flags or ``--plan``, checks capacity before any connection, starts ``--procs`` load processes
-(``lab.agent.proc``, each with a 1/P shard of the schedule), gives them one common start
+(``lab.agent.proc``, each with an equal shard of the schedule, opening in turn or side by
+side as the rate needs: ``Schedule.lanes``), gives them one common start
 time, runs the optional publisher, and merges their per-second lines into ONE
 ``{"kind": "agent", ...}`` line a second on stdout (and ``--out``); the last line is
 ``{"kind": "agent_end", ...}``. At the end it joins the processes' record blocks into
@@ -668,7 +669,8 @@ def prepare(
 
 
 def _side_by_side(cfgs: list[ProcConfigJSON]) -> str:
-    """`` (L opening side by side)`` when fewer than all processes open at once."""
+    """What the startup message adds when fewer than all processes open at once:
+    `` (opening in turn)`` or `` (L opening at a time, in turn)``."""
     lanes = cfgs[0].get("lanes", len(cfgs))
     if lanes >= len(cfgs):
         return ""

@@ -24,8 +24,10 @@ a lane take consecutive runs of it, one after the other. At 2,500/s with 4 proce
 process 0 opens connections 0..15,999, then process 1 the next 16,000, ...: each process
 wakes only while it ramps, with ~5 connections due at each wake-up instead of ~1.25 (4
 interleaved processes cost ~200 µs of CPU per connection on this kind of VM, one ~120).
-With L = P it is plain interleaving (``p, p+P, ...``), which a plan whose connections close
-while others still open always gets, so that no process holds more than its share at once.
+L divides P, so every process gets an equal run. With L = P it is plain interleaving
+(``p, p+P, ...``), which a plan whose connections close while others still open always gets,
+so that no process holds more than its share at once. Close phases count too: closes go
+oldest first, so a lane's closes fall on one of its processes at a time.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Schedule:
     phase_end_s: tuple[float, ...]
     end_s: float
     phase_rate_per_s: tuple[float, ...] = ()
+    # closes per second each phase asks for (a close phase with a rate; else 0.0)
+    phase_close_rate_per_s: tuple[float, ...] = ()
     # a shard's row k is connection first + k * step of the whole schedule
     first: int = 0
     step: int = 1
@@ -121,17 +125,21 @@ class Schedule:
         return max(self.phase_rate_per_s, default=0.0)
 
     def lanes(self, procs: int, rate_per_proc: float) -> int:
-        """How many of ``procs`` processes must open connections side by side so that none is
-        asked for more than ``rate_per_proc`` new connections a second; ``procs`` (plain
-        interleaving) when a connection closes before the last one opens: with churn, a run
-        of consecutive connections could be more than one process's share of the peak."""
+        """How many of ``procs`` processes must open (and close) connections side by side so
+        that none is asked for more than ``rate_per_proc`` a second: the smallest divisor of
+        ``procs`` that does it, so that every process gets an equal run (at most
+        ``ceil(len / procs)`` connections, the share the open-file check counts on). ``procs``
+        (plain interleaving) when a connection may close before or as the last one opens:
+        with churn, a run of consecutive connections could be more than one process's share
+        of the peak."""
         n = len(self)
         if procs <= 1 or n == 0:
             return 1
-        if min(self.close_s) < self.open_s[n - 1]:
+        if min(self.close_s) <= self.open_s[n - 1]:
             return procs
-        need = math.ceil(self.peak_rate_per_s() / rate_per_proc) if rate_per_proc > 0 else procs
-        return min(procs, max(1, need))
+        rate = max(self.peak_rate_per_s(), max(self.phase_close_rate_per_s, default=0.0))
+        need = max(1, math.ceil(rate / rate_per_proc)) if rate_per_proc > 0 else procs
+        return next(d for d in range(min(need, procs), procs + 1) if procs % d == 0)
 
     def shard(self, proc: int, procs: int, lanes: int | None = None) -> Schedule:
         """The connections of process ``proc`` of ``procs`` when ``lanes`` of them open side
@@ -153,8 +161,9 @@ class Schedule:
             self.phase_end_s,
             self.end_s,
             self.phase_rate_per_s,
-            first,
-            lanes,
+            self.phase_close_rate_per_s,
+            first=first,
+            step=lanes,
         )
 
 
@@ -221,9 +230,11 @@ def build_schedule(
     t = 0.0
     ends: list[float] = []
     rates: list[float] = []
+    close_rates: list[float] = []
     for n, phase in enumerate(phases):
         _check(phase, n)
         rates.append(0.0)
+        close_rates.append(0.0)
         if phase.kind is PhaseKind.RAMP:
             times, t_end = _arrivals(phase, t, len(open_fifo) - head, arrival, rng)
             for ts in times:
@@ -244,10 +255,12 @@ def build_schedule(
             head += k
             if rate is not None:
                 t += k / rate
+                if k:
+                    close_rates[-1] = float(rate)
         ends.append(t)
     for j in range(head, len(open_fifo)):
         close_s[open_fifo[j]] = t
-    return Schedule(open_s, close_s, tuple(ends), t, tuple(rates))
+    return Schedule(open_s, close_s, tuple(ends), t, tuple(rates), tuple(close_rates))
 
 
 def simple_phases(
