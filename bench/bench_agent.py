@@ -16,6 +16,8 @@ upgrades per second and prints them as JSON lines), then runs ``python -m lab.ag
    loopback the sys part includes much of the server's TCP work (the handshake and the
    request's receive run in the connecting process's syscalls), so it is compared with a bare
    uvloop client measured the same way on the same server (the floor).
+   Then the same ramp once more with ``--turn-procs`` (default 4) load processes, which open
+   in turn as c64k's agent does (printed, not checked).
 2. One load process asked for 8,400/s (5% over the target), 16,000 connections: connections
    completed per second, first to last, must be >= 8,000; then the same at 10,000/s
    (printed, not checked).
@@ -377,7 +379,7 @@ def check(name: str, ok: bool, figure: str) -> bool:
     return ok
 
 
-def bench(quick: bool, cpu_repeats: int = 3) -> int:
+def bench(quick: bool, cpu_repeats: int = 3, turn_procs: int = 4) -> int:
     from lab.limits import settle_time_wait
 
     results = []
@@ -486,6 +488,19 @@ def bench(quick: bool, cpu_repeats: int = 3) -> int:
             f"{floor['user_us'] + floor['sys_us']:.0f} µs per connection = "
             f"user {floor['user_us']:.0f} µs + sys {floor['sys_us']:.0f} µs)"
         )
+        if turn_procs > 1:
+            # what c64k's agent does: several processes (for the open-file limit) at a rate one
+            # keeps, opening in turn (Schedule.lanes); printed, not checked
+            srv_turns = Server()
+            turns = run_agent(srv_turns.port, rate, conns, hold, tmp, procs=turn_procs)
+            srv_turns.stop()
+            u, k = cpu_per_conn(turns, conns)
+            v, _ = switches_per_conn(turns, conns)
+            print(
+                f"  ({turn_procs} load processes at {rate}/s, opening in turn: {u + k:.0f} µs "
+                f"per connection = user {u:.0f} + sys {k:.0f} µs, {v:.2f} wake-ups per "
+                "connection)"
+            )
         results.append(
             check(
                 f"every whole ramp second within ±2% of {rate} (agent started)",
@@ -569,6 +584,13 @@ if __name__ == "__main__":
         default=3,
         help="ramps whose median is the CPU-per-connection figure (default 3; each printed)",
     )
+    ap.add_argument(
+        "--turn-procs",
+        type=int,
+        default=4,
+        help="after the CPU ramps, one more with this many load processes, which open in turn "
+        "as c64k's 4 do (printed, not checked; default 4, 0 or 1 = skip)",
+    )
     a = ap.parse_args()
     PIN = not a.no_pin and (os.cpu_count() or 1) >= 2
     sys.path.insert(0, str(ROOT))
@@ -579,4 +601,4 @@ if __name__ == "__main__":
     if a.serve is not None:
         serve("127.0.0.1", a.serve)
         raise SystemExit(0)
-    raise SystemExit(bench(a.quick, max(1, a.cpu_repeats)))
+    raise SystemExit(bench(a.quick, max(1, a.cpu_repeats), a.turn_procs))

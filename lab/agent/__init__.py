@@ -10,8 +10,10 @@
 - ``capacity``    pure checks before any connection: files, ports × addresses, memory
 - ``target``      a destination URL parsed once, with its prepared first request
 - ``session``     the client protocols (websocket, generic, longpoll, sse)
-- ``proc``        one load process (its shard of the schedule)
-- ``transport``   its connection I/O: one epoll set, read every 2 ms, kernel receive times
+- ``proc``        one load process: its shard of the schedule (the processes open in turn,
+                  each a consecutive run, while fewer keep the rate: ``Schedule.lanes``);
+                  its sockets in one epoll set (``lab.rawio``), read in 2 ms ticks with
+                  kernel receive times
 - ``coordinator`` the parent: capacity, processes, merged stream, records, publisher
 - ``publisher``   POST /pub/<channel> at a rate, each body carrying its send time
 - ``records``     per-connection columns and the .rec file format
