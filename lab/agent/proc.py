@@ -350,8 +350,7 @@ class LoadProcess:
         if self.sh.http_error is not None and not self.http_error_sent:
             # once: the coordinator prints the first one it gets (the line's fields stay as is)
             status, tgt = self.sh.http_error
-            url = next(u for t, u in zip(self.targets, self.cfg["urls"], strict=True) if t is tgt)
-            line["http_error"] = {"status": status, "url": url}
+            line["http_error"] = {"status": status, "url": tgt.url}
             self.http_error_sent = True
         if final:
             line["final"] = True

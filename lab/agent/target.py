@@ -38,6 +38,7 @@ class Target:
     request: bytes  # the first request (upgrade / SSE / first long-poll)
     accept: bytes  # expected Sec-WebSocket-Accept (websocket kinds)
     family: int = socket.AF_INET
+    url: str = ""  # as given (messages name it)
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -86,7 +87,7 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
         q = urlencode({"channel": channel, "timeout": lp_timeout_s})
         request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return Target(kind, host, port, path, query, channel, request, accept, family)
+    return Target(kind, host, port, path, query, channel, request, accept, family, url)
 
 
 # where lab serve answers each session kind, for the hint of a 404
