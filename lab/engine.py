@@ -26,11 +26,13 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from lab.doctor import MAX_TIME_WAIT, Finding, Level, check_host, plan_host_findings
 from lab.launch import (
     HEALTH_SCRIPT,
     LIMITS_SCRIPT,
+    PORT_SCRIPT,
     STOP_SCRIPT,
     mask_overrides,
     mask_secrets,
@@ -487,13 +489,20 @@ class Engine:
         (SO_REUSEPORT would let a server left from another run silently share the port)."""
         q = shlex.quote
         python = self.deployments[launch.host].python
-        cmd = f"{q(python)} -c {q(HEALTH_SCRIPT)} {q(launch.health_url or '')} 0.5"
+        cmd = f"{q(python)} -c {q(PORT_SCRIPT)} {q(launch.health_url or '')} 0.5"
         result = await self.conns[launch.host].run(cmd, check=False, timeout_s=30)
         if result.exit_status == 0:
             raise RunFailed(
                 f"something already answers at {launch.health_url} on host {launch.host!r} "
                 "before the server started (a server left by another run?): stop it "
                 "(`pgrep -af lab.comet`) or choose another port (-p server.port=N)"
+            )
+        if result.exit_status == 3:
+            where = urlsplit(launch.health_url or "")
+            raise RunFailed(
+                f"another program listens on {where.hostname}:{where.port} on host "
+                f"{launch.host!r}, where the server is to listen: stop it (`ss -ltnp "
+                f"'sport = :{where.port}'` names it) or choose another port (-p server.port=N)"
             )
 
     async def _agents_done(self, agents: Sequence[RoleProcess]) -> None:

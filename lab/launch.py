@@ -151,6 +151,25 @@ print(last, file=sys.stderr)
 sys.exit(1)
 """
 
+# exit 0: something answers 200 at the URL (a server); 3: something accepts TCP connections
+# at its host and port but does not answer so (another program); 1: nothing listens there
+PORT_SCRIPT = r"""
+import socket, sys, urllib.parse, urllib.request
+url = sys.argv[1]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(url, timeout=float(sys.argv[2])) as r:
+        sys.exit(0 if r.status == 200 else 3)
+except Exception:
+    pass
+u = urllib.parse.urlsplit(url)
+try:
+    socket.create_connection((u.hostname, u.port or 80), timeout=float(sys.argv[2])).close()
+except OSError:
+    sys.exit(1)
+sys.exit(3)
+"""
+
 LIMITS_SCRIPT = (
     "import dataclasses, json, lab.limits as l; "
     "print(json.dumps(dataclasses.asdict(l.read_host_limits())))"

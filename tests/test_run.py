@@ -254,6 +254,26 @@ def test_a_host_that_fails_lab_doctors_checks_stops_the_run_before_any_load(
     assert run_processes(record["run_id"]) == {}
 
 
+def test_another_program_on_the_server_port_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """A listener that is not a comet server (it never answers HTTP) on the server's port:
+    the run stops before the server starts, names the address and the fix, starts no agent
+    and leaves its folder. (lab.comet alone would say the same in terms of its own --port.)"""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", 18190))  # tiny.yaml's server.port
+        squatter.listen()
+        code, folder, _ = finish(start_lab_run([str(TINY)], tmp_path / "results"), 120)
+    assert code == 1
+    record = json.loads((folder / "run.json").read_text())
+    assert record["outcome"] == "failed"
+    assert "another program listens on 127.0.0.1:18190 on host 'local'" in record["reason"]
+    assert "-p server.port=N" in record["reason"]
+    assert "agents_start_at" not in record
+    assert run_processes(record["run_id"]) == {}
+
+
 @pytest.mark.parametrize(
     ("module", "name"),
     [("lab.plan", "make_plan"), ("lab.engine", "check_host")],  # once, and on every host
