@@ -219,7 +219,12 @@ def test_max_duration_bounds_the_run(comet: int) -> None:
         (["--source-ips", "x-y"], "give auto, a list"),
         (["--session", "sse"], "needs a http:// URL"),
         (["--plan", "/nonexistent/plan.json"], "cannot read it"),
-        (["--rate", "0"], "--rate must be > 0"),
+        (["--rate", "0"], "--rate 0: give new connections per second > 0"),
+        (["--hold", "-1", "--connections", "-2"], "--connections -2: give a count >= 0; --hold -1"),
+        (["--max-duration", "0"], "--max-duration 0: give seconds > 0"),
+        (["--connect-timeout", "-1"], "--connect-timeout -1: give seconds > 0"),
+        (["--url", "ws://127.0.0.1:99999/ws"], "99999/ws': Port out of range 0-65535; give a port"),
+        (["--url", "ws://no-such-host.invalid/ws"], "cannot resolve host 'no-such-host.invalid'"),
         (["--publish-url", "http://127.0.0.1:1/nopub"], "/pub/<channel>"),
     ],
 )
@@ -234,6 +239,24 @@ def test_refusals_name_the_problem_and_the_fix(args: list[str], message: str) ->
     assert p.returncode == 2
     assert message in p.stderr
     assert p.stdout == ""
+
+
+def test_failed_connections_are_summed_up_with_their_likely_cause() -> None:
+    """Connect errors are data (exit 0), but a run whose connections failed ends with one
+    line saying how many, why, and what to check, even with --quiet."""
+    port = free_port()  # nothing listens there
+    url = f"ws://127.0.0.1:{port}/ws"
+    p = subprocess.run(
+        [PY, "-m", "lab.agent", "--url", url, "--rate", "50", "--connections", "5", "--hold",
+         "0", "--quiet"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["failed"]["refused"] == 5
+    assert p.stderr.splitlines() == [
+        f"lab.agent: 5 of 5 connections failed (refused 5): nothing accepted connections at "
+        f"{url}: is the server running there?"
+    ]
 
 
 def test_bad_plan_file(tmp_path: Path) -> None:

@@ -149,7 +149,11 @@ def test_a_refused_first_request_is_an_http_failure_named_once(
     r = read_records(rec)
     assert Counter(r["outcome"]) == {"http": 5}
     assert all(math.isnan(c) for c in r["connected"])  # failed to connect, not dropped
-    assert err.splitlines() == [f"lab.agent: HTTP 404 from {url}: {hint}"], err
+    assert err.splitlines() == [
+        f"lab.agent: HTTP 404 from {url}: {hint}",
+        "lab.agent: 5 of 5 connections failed (http 5): the server answered HTTP with an error "
+        "(the line above names it)",
+    ], err
 
 
 def test_http_failure_hints() -> None:

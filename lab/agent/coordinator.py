@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -565,6 +566,9 @@ class Coordinator:
             line["outcome"], line["reason"] = "completed", ""
         self._join_records()
         self.emit(line)
+        summary = failure_summary(line, self.args.url)
+        if summary:
+            print(f"lab.agent: {summary}", file=sys.stderr)
         if signame and not crashed:
             dst = self.args.records
             flushed = f"records flushed to {dst}" if dst else "no --records to flush"
@@ -586,6 +590,34 @@ class Coordinator:
                 Path(part).unlink()
 
 
+# per failure reason: what it most likely means and what to do (the agent's last stderr line)
+_FAILURE_HINTS = {
+    "refused": "nothing accepted connections at {where}: is the server running there?",
+    "timeout": "no upgrade within --connect-timeout: the server is overloaded or the path "
+    "drops packets; see the server's log, or lower --rate",
+    "reset": "the server closed them: see its log",
+    "no_port": "out of ephemeral ports: add source addresses (--source-ips)",
+    "no_files": "out of open files: use more --procs (or --procs auto)",
+    "http": "the server answered HTTP with an error (the line above names it)",
+    "other": "see the records (--records) for each connection's outcome",
+}
+
+
+def failure_summary(line: Mapping[str, Any], urls: Sequence[str]) -> str:
+    """One sentence for the end of a run whose connections failed: how many of how many, by
+    reason, and the likely cause of the commonest; "" when none failed. (Connect errors are
+    data: the exit status stays 0.)"""
+    failed = {r: int(n) for r, n in (line.get("failed") or {}).items() if n}
+    total = sum(failed.values())
+    if not total:
+        return ""
+    top = max(failed, key=failed.__getitem__)
+    where = ", ".join(urls)
+    counts = ", ".join(f"{r} {n}" for r, n in sorted(failed.items(), key=lambda x: -x[1]))
+    hint = _FAILURE_HINTS.get(top, _FAILURE_HINTS["other"]).format(where=where)
+    return f"{total} of {line.get('started', total)} connections failed ({counts}): {hint}"
+
+
 def prepare(
     args: argparse.Namespace,
 ) -> tuple[Schedule, list[ProcConfigJSON], PublishSpec | None, list[str]]:
@@ -596,14 +628,30 @@ def prepare(
         targets = [make_target(u, kind) for u in args.url]
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.max_duration is not None and not args.max_duration > 0:
+        raise UsageError(
+            f"--max-duration {args.max_duration:g}: give seconds > 0 (or leave it out: the "
+            "plan's end + 3600 s)"
+        )
+    if not args.connect_timeout > 0:
+        raise UsageError(f"--connect-timeout {args.connect_timeout:g}: give seconds > 0")
     arrival, seed = args.arrival, args.seed
     if args.plan:
         phases, p_arrival, p_seed = load_plan_file(args.plan)
         arrival = p_arrival or arrival
         seed = p_seed if p_seed is not None else seed
     else:
-        if args.connections < 0 or not args.rate > 0 or args.hold < 0:
-            raise UsageError("--rate must be > 0, --connections and --hold >= 0")
+        bad = [
+            f"--{flag} {value:g}: {need}"
+            for flag, value, ok, need in (
+                ("rate", args.rate, args.rate > 0, "give new connections per second > 0"),
+                ("connections", args.connections, args.connections >= 0, "give a count >= 0"),
+                ("hold", args.hold, args.hold >= 0, "give seconds >= 0"),
+            )
+            if not ok
+        ]
+        if bad:
+            raise UsageError("; ".join(bad))
         phases = simple_phases(args.rate, args.connections, args.hold, args.close_rate)
     try:
         schedule = build_schedule(phases, arrival=Arrival(arrival), seed=int(seed))
@@ -620,7 +668,7 @@ def prepare(
         except (ValueError, AssertionError) as exc:
             raise UsageError(f"--procs {args.procs!r}: give a number >= 1 or auto") from exc
     destinations = len({t.addr for t in targets})
-    loopback = all(is_loopback_host(t.host) for t in targets)
+    loopback = all(is_loopback_host(t.addr[0]) for t in targets)
     needed = source_addresses_for(-(-peak // max(1, destinations)), limits)
     try:
         sources = parse_source_ips(args.source_ips, needed=needed, loopback=loopback)
@@ -631,6 +679,8 @@ def prepare(
         Demand(peak, peak_rate, procs, len(sources), destinations, lanes), limits
     )
     check_source_ips(sources)
+    if not len(schedule):
+        warnings.append("the plan opens no connection: there is nothing to measure")
     publish = None
     if args.publish_url:
         try:

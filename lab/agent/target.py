@@ -39,10 +39,11 @@ class Target:
     accept: bytes  # expected Sec-WebSocket-Accept (websocket kinds)
     family: int = socket.AF_INET
     url: str = ""  # as given (messages name it)
+    ip: str = ""  # host, resolved once (make_target); the Host header keeps the name
 
     @property
     def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
+        return (self.ip or self.host, self.port)
 
 
 def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> Target:
@@ -61,7 +62,10 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
     if not parts.hostname:
         raise ValueError(f"--url {url!r}: no host; give e.g. ws://127.0.0.1:8080/ws")
     host = parts.hostname
-    port = parts.port or 80
+    try:
+        port = parts.port or 80
+    except ValueError as exc:  # urlsplit: "Port out of range 0-65535", "Port could not be cast"
+        raise ValueError(f"--url {url!r}: {exc}; give a port from 1 to 65535") from exc
     path = parts.path or "/"
     query = parts.query
     channels = parse_qs(query).get("channel", [])
@@ -86,8 +90,23 @@ def make_target(url: str, kind: SessionKind, *, lp_timeout_s: float = 25.0) -> T
     else:
         q = urlencode({"channel": channel, "timeout": lp_timeout_s})
         request = f"GET {path}?{q} HTTP/1.1\r\nHost: {hostport}\r\n\r\n".encode()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return Target(kind, host, port, path, query, channel, request, accept, family, url)
+    family, ip = resolve(host, port, url)
+    return Target(kind, host, port, path, query, channel, request, accept, family, url, ip)
+
+
+def resolve(host: str, port: int, url: str) -> tuple[int, str]:
+    """The address family and IP of ``host``, looked up once (not by every connect() of the
+    load loop); ValueError naming the URL and the fix when the name does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(
+            f"--url {url!r}: cannot resolve host {host!r} ({exc}); give its IP address, or "
+            "fix the name (DNS, /etc/hosts)"
+        ) from exc
+    # IPv4 first, as connect() would try it
+    family, _, _, _, sockaddr = min(infos, key=lambda i: i[0] != socket.AF_INET)
+    return int(family), str(sockaddr[0])
 
 
 # where lab serve answers each session kind, for the hint of a 404
