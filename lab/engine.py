@@ -495,7 +495,9 @@ class Engine:
             raise RunFailed(
                 f"something already answers at {launch.health_url} on host {launch.host!r} "
                 "before the server started (a server left by another run?): stop it "
-                "(`pgrep -af lab.comet`) or choose another port (-p server.port=N)"
+                "(`pgrep -af 'lab[. ](comet|serve)'` lists it: stop its supervisor, the one "
+                "that is not a worker, which would restart a killed worker) or choose another "
+                "port (-p server.port=N)"
             )
         if result.exit_status == 3:
             where = urlsplit(launch.health_url or "")
