@@ -124,8 +124,19 @@ def collect_host_metadata() -> dict[str, Any]:
         "sysctls": {name: read_sysctl(name) for name in SYSCTLS},
         "packages": package_versions(CORE_PACKAGES),
         "addresses": read_addresses(),
+        "tcp_time_wait": _time_wait(),
         "time": time.time(),
     }
+
+
+def _time_wait() -> int | None:
+    """TCP sockets in TIME_WAIT (as the SSH facts script reads them), None if unreadable."""
+    from lab.limits import time_wait_sockets
+
+    try:
+        return time_wait_sockets()
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def read_addresses() -> list[list[Any]]:

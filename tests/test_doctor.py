@@ -134,6 +134,8 @@ def test_lab_doctor_on_this_host() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "lab.comet" in done.stdout and "0 failures" in done.stdout
+    # the embedded default host gets the TIME_WAIT check too (its facts are read directly)
+    assert "TIME_WAIT sockets" in done.stdout, done.stdout
     bad = subprocess.run(
         [
             sys.executable,
