@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -634,5 +635,10 @@ def _blame_override(exc: ExperimentError, overrides: Mapping[str, str]) -> Exper
     the file (which may not even hold the key)."""
     for key, value in overrides.items():
         if exc.key == key or exc.key.startswith(key + "."):
-            return ExperimentError(f"-p {key}={value}", exc.key, exc.problem, exc.fix)
+            fix = exc.fix
+            # the file's wording ("write `workers: auto`") as the flag's: "-p server.workers=auto"
+            yaml_fix = re.fullmatch(r"write `([\w-]+): (.+)`", fix)
+            if yaml_fix and exc.key.endswith(yaml_fix[1]):
+                fix = f"give `-p {exc.key}={yaml_fix[2]}`"
+            return ExperimentError(f"-p {key}={value}", exc.key, exc.problem, fix)
     return exc

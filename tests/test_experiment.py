@@ -106,6 +106,11 @@ def test_a_bad_value_given_with_p_is_named_as_that_flag(tmp_path: Path) -> None:
     assert str(e).startswith("-p phases.0.rate_per_s=abc: expected a number")
     e = error(tmp_path, MINIMAL, {"server.wokers": "2"})
     assert e.file == "-p server.wokers=2" and "did you mean `workers`" in e.fix
+    # the fix in the flag's own form, not as a line of the file
+    e = error(tmp_path, MINIMAL, {"server.workers": "abc"})
+    assert e.fix == "give `-p server.workers=auto`", e.fix
+    e = error(tmp_path, MINIMAL, {"max_duration_s": "abc"})
+    assert e.fix == "give `-p max_duration_s=100`", e.fix
     e = error(tmp_path, MINIMAL, {"server": "{wokers: 2}"})  # deeper than the flag's key
     assert e.file == "-p server={wokers: 2}" and e.key == "server.wokers"
     # an error the flag did not cause still names the file
