@@ -183,6 +183,12 @@ def rate_frame(tables: Tables) -> pd.DataFrame:
     frame["lag_ms_mean"] = frame["second"].map(lag["mean"])
     frame["lag_ms_max"] = frame["second"].map(lag["max"])
     frame["whole"] = (frame["second"] < ramp.whole_seconds) & (frame["planned"] > 0)
+    # a run stopped early (interrupted, max_duration): only the seconds that ended before the
+    # first connection it never started count; the rest were cut short by the stop, not slow
+    unstarted = conns.loc[conns["outcome"] == "not_started", "scheduled"].dropna()
+    if len(unstarted):
+        cut = math.floor(float(unstarted.min()) - ramp.start + EPSILON_S)
+        frame["whole"] &= frame["second"] < cut
     # trim trailing seconds after the last event
     busy = frame[(frame["planned"] > 0) | (frame["achieved"] > 0) | (frame["started"] > 0)]
     last = int(busy["second"].max()) if len(busy) else 0

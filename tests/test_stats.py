@@ -103,6 +103,20 @@ def test_slowest_whole_second_and_partial_last_second() -> None:
     assert stats.summarize(t, {})["ramp_rate_min_per_s"] == 4
 
 
+def test_a_run_stopped_mid_ramp_counts_only_the_seconds_before_the_stop() -> None:
+    """Interrupted at 2.35 s into a 10/s ramp planned for 4 s: the connections due after the
+    stop were never started. Seconds 2 and 3 were cut short by the stop, not slow: only 0 and
+    1 are whole, and the slowest whole second is 10/s, not 0/s."""
+    sched = [0.05 + i / 10 for i in range(40)]
+    connected = [t + 0.001 if t < 2.35 else math.nan for t in sched]
+    outcome = ["ok" if t < 2.35 else "not_started" for t in sched]
+    t = make_tables(connections=conns(sched, connected, outcome=outcome))
+    whole = stats.rate_frame(t).query("whole")
+    assert list(whole["second"]) == [0, 1]
+    s = stats.summarize(t, {})
+    assert (s["ramp_rate_min_per_s"], s["ramp_whole_seconds"]) == (10, 2)
+
+
 def test_peak_counts_a_close_before_an_open_at_the_same_instant() -> None:
     t = make_tables(connections=conns([0, 0, 1], [0.1, 0.2, 0.2], [0.2, math.nan, math.nan]))
     assert stats.peak_connections(t) == 2
