@@ -3,9 +3,10 @@
 ``publish_run(folder)`` executes ``notebooks/run.ipynb`` with papermill for a finished run
 (``results_dir=<folder>``: the notebook loads the run, it does not run it again) into
 ``<folder>/run.ipynb``, converts it to ``<folder>/report.html`` (code hidden, plotly.js embedded
-once, no CDN, so the page opens offline from a file) and regenerates ``results/index.html``.
+once, no CDN, so the page opens offline from a file) and regenerates ``index.html`` in the folder
+holding the run (``results/index.html``), unless that file is a page comet-lab did not write.
 ``lab report RUN`` (``report_main``) does the same with ``notebooks/report.ipynb``;
-``lab compare RUN RUN... [--out FILE]`` (``compare_main``) with ``notebooks/compare.ipynb``.
+``lab compare RUN RUN... [--out PATH]`` (``compare_main``) with ``notebooks/compare.ipynb``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 
 class PublishError(RuntimeError):
     """A notebook or folder that cannot be published; the message says why and the fix."""
+
+
+class OutputPathError(PublishError):
+    """``lab compare --out`` names a place that cannot be written (a usage error: exit 2)."""
+
+
+class ForeignIndexError(PublishError):
+    """An ``index.html`` comet-lab did not write: it is left alone, the index is not written."""
 
 
 def notebook_path(name: str) -> Path:
@@ -93,15 +102,30 @@ def to_html(notebook: Path, output: Path) -> Path:
         exclude_output_prompt=True,
     )
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
-    tmp = output.with_suffix(".html.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(output)
+    try:
+        _write_replacing(output, body)
+    except OSError as exc:
+        raise PublishError(
+            f"cannot write {output}: {exc.strerror}; free that path or write the page elsewhere"
+        ) from exc
     return output
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` renamed over it, so a reader never sees
+    half a page; the .tmp file is removed when anything fails."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish_run(folder: Path | str) -> Path:
     """Render a finished run: ``<folder>/run.ipynb`` (executed), ``<folder>/report.html``,
-    and ``results/index.html`` regenerated. Returns the report's path."""
+    and ``results/index.html`` regenerated (``refresh_index``). Returns the report's path."""
     folder = _run_folder(folder)
     record = _read_record(folder)
     experiment = record.get("experiment") or {}
@@ -113,37 +137,62 @@ def publish_run(folder: Path | str) -> Path:
     }
     notebook = execute_notebook("run", folder / "run.ipynb", parameters)
     report = to_html(notebook, folder / "report.html")
-    write_index(folder.parent)
+    refresh_index(folder.parent)
     return report
 
 
 def publish_report(folder: Path | str) -> Path:
     """Re-render an existing run with ``notebooks/report.ipynb`` into ``<folder>/report.ipynb``
-    and ``<folder>/report.html``; regenerate the index. Returns the report's path."""
+    and ``<folder>/report.html``; regenerate the index (``refresh_index``). Returns the
+    report's path."""
     folder = _run_folder(folder)
     notebook = execute_notebook("report", folder / "report.ipynb", {"results_dir": str(folder)})
     report = to_html(notebook, folder / "report.html")
-    write_index(folder.parent)
+    refresh_index(folder.parent)
     return report
 
 
 def publish_compare(folders: list[Path | str], out: Path | str | None = None) -> Path:
-    """Compare runs with ``notebooks/compare.ipynb``: writes the HTML page (default
-    ``<results>/compare-<first>-vs-<last>.html``) and the executed notebook beside it."""
+    """Compare runs with ``notebooks/compare.ipynb``: writes the HTML page where
+    ``compare_output`` says and the executed notebook beside it (same name, ``.ipynb``)."""
     runs = [_run_folder(f) for f in folders]
     if len(runs) < 2:
         raise PublishError("compare needs at least two results folders: lab compare RUN RUN...")
-    if out is None:
-        out = runs[0].parent / f"compare-{runs[0].name}-vs-{runs[-1].name}.html"
-    out = Path(out).resolve()
+    page = compare_output(runs, out)
     notebook = execute_notebook(
-        "compare", out.with_suffix(".ipynb"), {"runs": [str(r) for r in runs]}
+        "compare", page.with_suffix(".ipynb"), {"runs": [str(r) for r in runs]}
     )
-    return to_html(notebook, out)
+    return to_html(notebook, page)
+
+
+def compare_output(runs: list[Path], out: Path | str | None) -> Path:
+    """The comparison page's path: ``out`` itself; inside ``out`` under the default name
+    ``compare-<first>-vs-<last>.html`` when ``out`` is a folder; by default that name beside
+    the first run (in ``results/``). Raises OutputPathError when ``out``'s folder is missing."""
+    default = f"compare-{runs[0].name}-vs-{runs[-1].name}.html"
+    if out is None:
+        return runs[0].parent / default
+    path = Path(out).expanduser().resolve()
+    if path.is_dir():
+        return path / default
+    # a trailing slash means a folder, even one that does not exist (Path() drops the slash)
+    folder = path if str(out).endswith(("/", os.sep)) else path.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise OutputPathError(
+            f"--out {out}: {folder} {problem}; create the folder first (mkdir -p {folder}) "
+            "or pass --out an existing folder or a file in one"
+        )
+    return path
 
 
 def _run_folder(folder: Path | str) -> Path:
     path = Path(folder).expanduser().resolve()
+    if not path.exists():
+        raise PublishError(
+            f"{path} does not exist; pass results/<run-id>/ as written by `lab run` "
+            "(`ls results/` lists them)"
+        )
     if not (path / "run.json").is_file():
         raise PublishError(
             f"{path} is not a results folder (no run.json); pass results/<run-id>/ "
@@ -220,9 +269,49 @@ def index_rows(results: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# The mark of an index page comet-lab wrote: only such a page is ever replaced.
+GENERATOR = '<meta name="generator" content="comet-lab">'
+# Index pages written before GENERATOR existed all began with exactly these two lines.
+LEGACY_INDEX_HEAD = (
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>comet-lab runs</title>\n'
+)
+
+
+def index_is_ours(path: Path) -> bool:
+    """True when ``write_index`` may write ``path``: it does not exist, or it is an index page
+    comet-lab wrote (it carries GENERATOR, or begins like the pages written before it)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as page:
+            head = page.read(4096)
+    except FileNotFoundError:
+        return True
+    except OSError:  # a folder, or unreadable: not ours to replace
+        return False
+    return GENERATOR in head or head.startswith(LEGACY_INDEX_HEAD)
+
+
+def refresh_index(results: Path) -> Path | None:
+    """``write_index(results)`` after publishing a run in ``results``; when the index.html
+    there is not comet-lab's, print one line saying it was not written and why, and return
+    None. Publishing does not fail for it."""
+    try:
+        return write_index(results)
+    except ForeignIndexError as exc:
+        print(f"index not written: {exc}", file=sys.stderr)
+        return None
+
+
 def write_index(results: Path) -> Path:
     """Regenerate ``results/index.html``: every run with its date, experiment, outcome,
-    key figures and links to its report and record. Plain HTML, no script."""
+    key figures and links to its report and record. Plain HTML, no script. Raises
+    ForeignIndexError, leaving the file alone, when an index.html there is not comet-lab's
+    (``index_is_ours``): a run folder copied into a web site must not replace the site's page."""
+    path = results / INDEX_NAME
+    if not index_is_ours(path):
+        raise ForeignIndexError(
+            f"{path} was not written by comet-lab (no {GENERATOR} in it), so it was left alone; "
+            f"move it away to get an index of the runs in {results}"
+        )
     rows = index_rows(results)
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _, _ in INDEX_COLUMNS)
     lines = []
@@ -247,16 +336,13 @@ def write_index(results: Path) -> Path:
             f"<td>{run}</td><td>{html.escape(str(row['experiment']))}</td><td>{outcome}</td>"
             f"<td>{verdict}</td>{cells}<td>{links}</td></tr>"
         )
-    page = INDEX_PAGE.format(head=head, rows="\n".join(lines), count=len(rows))
-    path = results / INDEX_NAME
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    page = INDEX_PAGE.format(generator=GENERATOR, head=head, rows="\n".join(lines), count=len(rows))
+    _write_replacing(path, page)
     return path
 
 
 INDEX_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>comet-lab runs</title>
+<html lang="en"><head><meta charset="utf-8">{generator}<title>comet-lab runs</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }}
@@ -281,7 +367,8 @@ def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog or "lab report",
         description="Render report.html for an existing results folder (notebooks/report.ipynb)"
-        " and regenerate results/index.html.",
+        " and regenerate index.html in the folder that holds it (results/index.html); an"
+        " index.html comet-lab did not write is left alone, with a line saying so.",
     )
     parser.add_argument("run_dir", type=Path, help="a results/<run-id>/ folder")
     args = parser.parse_args(argv)
@@ -294,7 +381,7 @@ def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def compare_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """``lab compare RUN RUN... [--out FILE]``: one HTML page comparing the runs."""
+    """``lab compare RUN RUN... [--out PATH]``: one HTML page comparing the runs."""
     parser = argparse.ArgumentParser(
         prog=prog or "lab compare",
         description="Compare runs side by side (notebooks/compare.ipynb): summary ratios to the "
@@ -302,11 +389,18 @@ def compare_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("runs", type=Path, nargs="+", help="results/<run-id>/ folders")
     parser.add_argument(
-        "--out", type=Path, help="HTML file (default: results/compare-<first>-vs-<last>.html)"
+        "--out",
+        metavar="PATH",
+        help="the HTML file to write, its executed notebook beside it (.ipynb); an existing "
+        "folder gets compare-<first>-vs-<last>.html and .ipynb inside it (default: that name "
+        "beside the first run, in results/)",
     )
     args = parser.parse_args(argv)
     try:
         print(publish_compare(args.runs, args.out))
+    except OutputPathError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     except PublishError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1

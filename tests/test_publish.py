@@ -87,6 +87,95 @@ def test_bad_folders_get_a_clear_message(
 ) -> None:
     assert publish.report_main([str(tmp_path)], prog="lab report") == 1
     assert "not a results folder (no run.json)" in capsys.readouterr().err
+    assert publish.report_main([str(tmp_path / "typo")], prog="lab report") == 1
+    assert f"{tmp_path / 'typo'} does not exist" in capsys.readouterr().err
     a = runfolder.build(tmp_path / "run-a")
     assert publish.compare_main([str(a)], prog="lab compare") == 1
     assert "at least two" in capsys.readouterr().err
+
+
+# The first lines of results/index.html as written before the generator tag existed.
+LEGACY_INDEX = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>comet-lab runs</title>
+<style>
+body { font-family: sans-serif; margin: 2em; }
+</style></head>
+<body><h1>comet-lab runs</h1><p>1 run(s), newest first.</p>
+"""
+
+
+def test_lab_report_leaves_an_index_it_did_not_write_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site"  # a run folder copied into a web site that has its own index
+    run = runfolder.build(site / "myrun")
+    foreign = site / "index.html"
+    foreign.write_text("<html>MINE</html>")
+    assert publish.report_main([str(run)], prog="lab report") == 0
+    assert foreign.read_text() == "<html>MINE</html>"
+    assert (run / "report.html").is_file()
+    said = [line for line in capsys.readouterr().err.splitlines() if "index" in line]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"index not written: {foreign} was not written by comet-lab")
+    assert "move it away" in said[0]
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "myrun"]
+
+
+def test_index_replaces_only_pages_comet_lab_wrote(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    runfolder.build(results / "20261126-100000-synthetic")
+    index = results / "index.html"
+    for foreign in ("<html>MINE</html>", LEGACY_INDEX.replace("comet-lab runs", "my runs")):
+        index.write_text(foreign)
+        with pytest.raises(publish.PublishError, match=f"{index} was not written by comet-lab"):
+            publish.write_index(results)
+        assert index.read_text() == foreign
+    index.write_text(LEGACY_INDEX)  # written before the generator tag: still ours
+    assert publish.write_index(results) == index
+    page = index.read_text()
+    assert publish.GENERATOR in page and "20261126-100000-synthetic" in page
+    runfolder.build(results / "20261126-110000-synthetic")
+    publish.write_index(results)  # the tagged page is replaced too
+    assert "20261126-110000-synthetic" in index.read_text()
+    assert sorted(p.name for p in results.iterdir() if p.is_file()) == ["index.html"]
+
+
+def test_lab_compare_into_a_folder_writes_the_default_name_inside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = runfolder.build(tmp_path / "run-a")
+    b = runfolder.build(tmp_path / "run-b", cpu_model="Another CPU")
+    site = tmp_path / "site"
+    site.mkdir()
+    assert publish.compare_main([str(a), str(b), "--out", str(site)], prog="lab compare") == 0
+    page = site / "compare-run-a-vs-run-b.html"
+    assert capsys.readouterr().out.strip() == str(page)
+    assert "CPU model differs" in page.read_text()
+    assert sorted(p.name for p in site.iterdir()) == [page.name, page.with_suffix(".ipynb").name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-a", "run-b", "site"]
+
+
+def test_lab_compare_out_in_a_missing_folder_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = runfolder.build(tmp_path / "run-a")
+    b = runfolder.build(tmp_path / "run-b")
+    missing = tmp_path / "missing"
+    for out in (str(missing / "c.html"), f"{missing}/"):
+        assert publish.compare_main([str(a), str(b), "--out", out], prog="lab compare") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{missing} does not exist" in err
+        assert f"mkdir -p {missing}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-a", "run-b"]
+
+
+def test_to_html_leaves_no_tmp_file_when_it_cannot_write(tmp_path: Path) -> None:
+    import nbformat
+
+    notebook = tmp_path / "empty.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), notebook)
+    taken = tmp_path / "page.html"
+    taken.mkdir()  # a folder where the page should go
+    with pytest.raises(publish.PublishError, match=f"cannot write {taken}"):
+        publish.to_html(notebook, taken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.ipynb", "page.html"]
