@@ -195,3 +195,47 @@ def test_an_irregular_first_request_is_answered_as_the_http_path_does(
         got = read_until(sock, b"101 Switching")
         assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     assert until(lambda: stats(server)["online"] == base)  # nothing left open
+
+
+def send_upgrade(server: ServerProcess, request: bytes, *, pieces: bool) -> bytes:
+    """Send ``request`` on a new connection in one write, or (``pieces``) in two, the second
+    once the first was read alone (so that ``HttpConn`` parses it, not the fast path); the
+    answer: a 101's head, or all the server sends before it closes."""
+    base = quiet(server) if pieces else 0
+    with connect(server) as sock:
+        if pieces:
+            sock.sendall(request[:30])
+            assert until(lambda: stats(server)["online"] == base + 1)
+            sock.sendall(request[30:])
+        else:
+            sock.sendall(request)
+        got = read_until(sock, b"\r\n\r\n")
+        if not got.startswith(b"HTTP/1.1 101 "):
+            while chunk := sock.recv(65536):
+                got += chunk
+        return got
+
+
+OTHER_KEY = b"AAECAwQFBgcICQoLDA0ODw=="  # another valid 16-byte key
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+@pytest.mark.parametrize(
+    ("header", "second"),
+    [
+        (b"Sec-WebSocket-Key", b"Sec-WebSocket-Key: " + OTHER_KEY),
+        (b"Sec-WebSocket-Key", b"Sec-WebSocket-Key: " + KEY),  # the same value twice
+        (b"Sec-WebSocket-Version", b"Sec-WebSocket-Version: 13"),
+    ],
+)
+def test_a_websocket_header_sent_twice_is_refused_on_both_paths(
+    server: ServerProcess, header: bytes, second: bytes, pieces: bool
+) -> None:
+    # RFC 6455 §11.3.1 / §11.3.5: each may appear once; it used to be answered 101 with the
+    # last key
+    request = upgrade("twice").replace(b"\r\n\r\n", b"\r\n" + second + b"\r\n\r\n")
+    answer = send_upgrade(server, request, pieces=pieces)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    error = json.loads(body)["error"]
+    assert f"two {header.decode()} headers" in error and "once" in error

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from lab.comet.launch import ServerProcess
 
@@ -411,7 +412,9 @@ def test_request_timeout_ends_slow_and_idle_http_connections() -> None:
         # a long-poll is not timed by it: it gets its own 204 after its 4 s, not a cut at 1 s
         lp = socket.create_connection(addr, timeout=10)
         lp.sendall(b"GET /lp?channel=t&timeout=4 HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_all(slow).startswith(b"HTTP/1.1 408 ")
+        answer = read_all(slow)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert "--request-timeout" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
         assert read_all(idle) == b""  # closed without a word, as keep-alive ends
         assert lp.recv(65536).startswith(b"HTTP/1.1 204 ")
         for sock in (bad, slow, idle, lp):
@@ -437,8 +440,6 @@ def test_a_request_pipelined_behind_a_long_poll_is_answered_after_it(
 def test_an_upgrade_pipelined_behind_a_request_keeps_the_frames_after_it(
     server: ServerProcess,
 ) -> None:
-    from websockets.frames import Frame, Opcode
-
     frame = Frame(Opcode.TEXT, b'{"subscribe": "pz"}').serialize(mask=True)
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + UPGRADE + frame)
@@ -592,4 +593,96 @@ def test_garbage_never_crashes_the_worker(server: ServerProcess) -> None:
 def test_two_host_headers_are_refused(server: ServerProcess) -> None:
     answer = raw_exchange(server, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ") and b"two Host headers" in answer
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "fix"),
+    [
+        # an unparsable request line: what to send instead
+        (b"GARBAGE\r\n\r\n", 400, ["HTTP/1.1", "/ws", "/lp"]),
+        (b"GET /stats HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n", 400, ["HTTP/1.1"]),
+        # over the fixture's --max-head-bytes 4096, as raw bytes and as counted: the limit and
+        # the flag that sets it, as a 413 names --max-message-bytes
+        (
+            b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            ["--max-head-bytes=4096", "shorter"],
+        ),
+        (
+            b"GET /stats HTTP/1.1\r\nHost: x\r\n" + b"X-Many: b\r\n" * 2000 + b"\r\n",
+            431,
+            ["--max-head-bytes=4096", "shorter"],
+        ),
+        (
+            b"POST /pub/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode()
+            + b"\r\nContent-Length: 5000\r\n\r\n"
+            + b"x" * 5000,
+            413,
+            ["smaller", f"--max-message-bytes={MAX_BYTES}"],
+        ),
+        (b"GET /stats HTTP/1.1\r\n\r\n", 400, ["Host:"]),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, ["once"]),
+        (
+            b"GET /lp?channel=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+            400,
+            ["/ws?channel="],
+        ),
+        (b"GET /lp?channel=" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, ["1 to 200"]),
+    ],
+)
+def test_error_bodies_name_the_fix(
+    server: ServerProcess, request_bytes: bytes, status: int, fix: list[str]
+) -> None:
+    answer = raw_exchange(server, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    for phrase in fix:
+        assert phrase in error, error
+
+
+def close_code_after(server: ServerProcess, frame: bytes) -> tuple[int, str]:
+    """Upgrade on a raw socket, send ``frame``: the code and reason of the server's close."""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(UPGRADE)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 101 "), got
+        sock.sendall(frame)
+        data = got.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(65536):  # the server closes after its close frame
+            data += chunk
+    assert data[0] == 0x88 and data[1] < 126, data[:40]  # a whole, unmasked close frame
+    payload = data[2 : 2 + data[1]]
+    return int.from_bytes(payload[:2], "big"), payload[2:].decode()
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    return Frame(Opcode(opcode), payload).serialize(mask=True)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\x81\x05hello", 1002),  # an unmasked client frame: "incorrect masking"
+        (b"\xf1\x80\x00\x00\x00\x00", 1002),  # reserved bits set
+        (masked(2, b"\x00\x01"), 1003),
+        (masked(1, b"not json"), 1003),
+        (masked(1, b"\xff\xfe"), 1007),
+        (masked(1, b'{"dance": "x"}'), 1008),
+        (masked(1, b"x" * (MAX_BYTES + 1)), 1009),
+    ],
+)
+def test_close_codes_the_server_sends_are_in_the_readme(
+    server: ServerProcess, frame: bytes, code: int
+) -> None:
+    got, reason = close_code_after(server, frame)
+    assert got == code and reason
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"\n| {code} |" in readme, f"README's close-code table lacks {code}"
     assert_still_serving(server)

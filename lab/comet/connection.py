@@ -48,10 +48,18 @@ LINGER_S = 2.0
 MAX_QUEUED = 8
 _EMPTY: tuple[str, ...] = ()
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+# the fix named by a 400 for a request httptools cannot parse
+_SEND_HTTP = (
+    "send HTTP/1.1 (RFC 9112): a request line such as 'GET /lp?channel=A HTTP/1.1', "
+    "'Name: value' header lines, a body framed by Content-Length or chunked; the paths are "
+    "/ws, /lp, /sse, /pub/<channel>, /stats, /healthz"
+)
 
 
-class HeadTooLarge(Exception):
-    """Raised inside a parser callback when the request head passes the limit (431)."""
+class Refused(Exception):
+    """Raised inside a parser callback to stop parsing a request the server refuses (a header
+    of ``_ONCE`` sent twice, a head or body over its limit); ``HttpConn.error`` holds the
+    answer."""
 
 
 class Mode(enum.Enum):
@@ -118,6 +126,15 @@ _HEADER_FIELDS = {
     b"content-length": "content_length",
     b"expect": "expect",
     b"host": "host",
+}
+# the Request slots whose header may come only once: a second one is answered 400 with this
+_ONCE = {
+    "host": "two Host headers: send it once (RFC 9112 §3.2)",
+    "ws_key": "two Sec-WebSocket-Key headers: send it once, with one key (RFC 6455 §11.3.1)",
+    "ws_version": (
+        "two Sec-WebSocket-Version headers: send it once, 'Sec-WebSocket-Version: 13' "
+        "(RFC 6455 §11.3.5)"
+    ),
 }
 
 
@@ -228,11 +245,11 @@ class HttpConn(asyncio.Protocol):
             if self.error is not None:
                 self._fail(*self.error)
             else:
-                self._fail(400, f"malformed HTTP request: {exc}")
+                self._fail(400, f"malformed HTTP request: {exc}; {_SEND_HTTP}")
             return
         if self.in_head and self.raw_head > self.worker.max_head_bytes:
             # the head is still incomplete after this many bytes (llhttp buffers partial lines)
-            self._fail(431, f"request head over {self.worker.max_head_bytes} bytes")
+            self._fail(431, self._head_too_large())
             return
         self._process()
 
@@ -255,10 +272,11 @@ class HttpConn(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         field = _HEADER_FIELDS.get(name.lower())
         if field is not None:
-            if field == "host" and self.req is not None and self.req.host is not None:
-                self.error = (400, "two Host headers")  # RFC 9112 §3.2
-                raise HeadTooLarge
-            setattr(self.req, field, value)
+            req = self.req
+            if field in _ONCE and getattr(req, field, None) is not None:
+                self.error = (400, _ONCE[field])
+                raise Refused
+            setattr(req, field, value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -272,7 +290,7 @@ class HttpConn(asyncio.Protocol):
                 too_large = False  # llhttp rejects a bad Content-Length itself
             if too_large:
                 self.error = (413, self._too_large())
-                raise HeadTooLarge
+                raise Refused
         expect = self.req.expect if self.req is not None else None
         if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -281,7 +299,7 @@ class HttpConn(asyncio.Protocol):
         self.body_bytes += len(body)
         if self.body_bytes > self.worker.max_message_bytes:
             self.error = (413, self._too_large())
-            raise HeadTooLarge
+            raise Refused
         self.body_parts.append(body)
 
     def on_message_complete(self) -> None:
@@ -302,11 +320,21 @@ class HttpConn(asyncio.Protocol):
     def _count_head(self, n: int) -> None:
         self.head_bytes += n
         if self.head_bytes > self.worker.max_head_bytes:
-            self.error = (431, f"request head over {self.worker.max_head_bytes} bytes")
-            raise HeadTooLarge
+            self.error = (431, self._head_too_large())
+            raise Refused
 
     def _too_large(self) -> str:
-        return f"body over --max-message-bytes={self.worker.max_message_bytes}"
+        return (
+            f"body over --max-message-bytes={self.worker.max_message_bytes}: send a smaller "
+            "body, or start the server with a larger --max-message-bytes"
+        )
+
+    def _head_too_large(self) -> str:
+        return (
+            f"request head over --max-head-bytes={self.worker.max_head_bytes}: send a shorter "
+            "URL and fewer or shorter headers, or start the server with a larger "
+            "--max-head-bytes"
+        )
 
     # ------------------------------------------------------------------ requests
 
@@ -319,7 +347,7 @@ class HttpConn(asyncio.Protocol):
                 self._fail(400, f"HTTP/{req.version} is not served: send an HTTP/1.1 request")
                 return
             if req.host is None and req.version == "1.1":
-                self._fail(400, "an HTTP/1.1 request needs a Host header")
+                self._fail(400, "an HTTP/1.1 request needs a Host header: add 'Host: HOST:PORT'")
                 return
             if req.upgrade:
                 rest, self.rest = self.rest or b"", None
@@ -443,7 +471,7 @@ class HttpConn(asyncio.Protocol):
         try:
             data = req.body.decode("utf-8")
         except UnicodeDecodeError:
-            self._fail(400, "the body must be UTF-8 text")
+            self._fail(400, "the body is not UTF-8: publish UTF-8 text (binary data: base64 it)")
             return
         if worker.stopping or not worker.publish(target.channels[0], data, self):
             self._fail(503, "the server is stopping or its supervisor is gone; retry")
@@ -501,7 +529,12 @@ class HttpConn(asyncio.Protocol):
         if self.mode is not Mode.IDLE:
             return
         if self.req is not None:  # a request was under way
-            self._fail(408, f"no complete request in {self.worker.request_timeout_s:g} s")
+            self._fail(
+                408,
+                f"no complete request in --request-timeout={self.worker.request_timeout_s:g} s: "
+                "send the whole request at once, or start the server with a larger "
+                "--request-timeout",
+            )
         elif self.transport is not None:
             self.mode = Mode.CLOSING
             self.parser = None
@@ -571,9 +604,11 @@ def check_upgrade(req: Request) -> Target:
     """The target of a WebSocket upgrade request, or ``HttpError`` naming what is wrong."""
     target = parse_target(req.method, req.url)
     if target.route is not Route.WS:
-        raise HttpError(400, f"only /ws accepts an upgrade, not {target.route.value}")
+        raise HttpError(
+            400, f"only /ws accepts an upgrade, not {target.route.value}: upgrade on /ws?channel=A"
+        )
     if req.upgrade_header is None or b"websocket" not in req.upgrade_header.lower():
-        raise HttpError(400, "Upgrade header must be 'websocket'")
+        raise HttpError(400, "only a WebSocket upgrade is served: send 'Upgrade: websocket'")
     if req.ws_version != b"13":
         raise HttpError(426, "Sec-WebSocket-Version must be 13", (("Sec-WebSocket-Version", "13"),))
     key = req.ws_key
@@ -581,7 +616,11 @@ def check_upgrade(req: Request) -> Target:
         if key is None or len(binascii.a2b_base64(key, strict_mode=True)) != 16:
             raise ValueError
     except (ValueError, binascii.Error):
-        raise HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+        raise HttpError(
+            400,
+            "Sec-WebSocket-Key must be 16 random bytes in base64 (24 characters, e.g. "
+            "'dGhlIHNhbXBsZSBub25jZQ==')",
+        ) from None
     return target
 
 
@@ -603,7 +642,9 @@ class FirstRequest:
     def __init__(self) -> None:
         self.req = Request()
         self.url = b""
-        self.twice = False  # a header the server reads came twice (two Host headers: a 400)
+        # a header the server reads came twice: HttpConn answers (with a 400 if it is one of
+        # _ONCE's)
+        self.twice = False
         self.messages = 0  # requests begun in these bytes: more than one goes to HttpConn
         self.head_bytes = 0  # counted as HttpConn counts them
 

@@ -365,16 +365,23 @@ _METHODS = {
 }
 
 
+_CHANNEL_RULE = f"a channel name has 1 to {MAX_CHANNEL_CHARS} printable characters"
+
+
 def _channels(query: dict[str, list[str]], *, required: bool) -> tuple[str, ...]:
     channels = tuple(dict.fromkeys(query.get("channel", [])))
     if required and not channels:
         raise HttpError(400, "missing ?channel=NAME (repeat it for several channels)")
     if len(channels) > MAX_CHANNELS_PER_REQUEST:
-        raise HttpError(400, f"more than {MAX_CHANNELS_PER_REQUEST} channels in one request")
+        raise HttpError(
+            400,
+            f"more than {MAX_CHANNELS_PER_REQUEST} channels in one request: split them over "
+            "several requests",
+        )
     for channel in channels:
         problem = check_channel(channel)
         if problem is not None:
-            raise HttpError(400, f"{problem}: {channel[:40]!r}")
+            raise HttpError(400, f"{problem}: {channel[:40]!r}; {_CHANNEL_RULE}")
     return channels
 
 
@@ -432,14 +439,20 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "//[": an unclosed IPv6 authority
-        raise HttpError(400, f"bad request target {url[:60]!r}: {exc}") from None
+        raise HttpError(
+            400, f"bad request target {url[:60]!r}: {exc}; send a path such as /lp?channel=A"
+        ) from None
     path = parts.path
     try:
         query = parse_qs(parts.query, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
-        raise HttpError(400, "the query string is not UTF-8 once %-decoded") from None
+        raise HttpError(
+            400, "the query string is not UTF-8 once %-decoded: %-encode UTF-8 text"
+        ) from None
     except ValueError as exc:
-        raise HttpError(400, f"bad query string: {exc}") from None
+        raise HttpError(
+            400, f"bad query string: {exc}; send name=value pairs joined by '&'"
+        ) from None
     if path.startswith("/pub/"):
         route = Route.PUB
     else:
@@ -457,10 +470,12 @@ def parse_target(method: str, url: str, last_event_id: str | None = None) -> Tar
         try:
             channel = unquote(path[len("/pub/") :], errors="strict")
         except UnicodeDecodeError:
-            raise HttpError(400, "the channel name is not UTF-8 once %-decoded") from None
+            raise HttpError(
+                400, "the channel name is not UTF-8 once %-decoded: %-encode UTF-8 text"
+            ) from None
         problem = check_channel(channel)
         if problem is not None:
-            raise HttpError(400, f"{problem}; publish to /pub/<channel>")
+            raise HttpError(400, f"{problem}; publish to /pub/<channel>: {_CHANNEL_RULE}")
         return Target(route, (channel,))
     if route is Route.WS:
         return Target(route, _channels(query, required=False))
