@@ -310,7 +310,8 @@ class Supervisor:
             raise OSError(
                 errno.EADDRINUSE,
                 "another server already listens there (SO_REUSEPORT would share the port "
-                "silently); stop it (`pgrep -af lab.comet`)",
+                "silently); stop it (`pgrep -af 'lab[. ](comet|serve)'` lists it: stop its "
+                "supervisor, not a worker, which it would restart)",
             )
         return sock
 
