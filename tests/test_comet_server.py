@@ -667,6 +667,26 @@ def masked(opcode: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
+    ("frame", "fix"),
+    [
+        (masked(1, b"not json"), 'send {"subscribe": "C"} or {"unsubscribe": "C"}'),
+        (masked(1, ('{"' + "ü" * 60 + '": "x"}').encode()), 'send {"subscribe"'),
+        (masked(1, b'{"subscribe": 7}'), '{"subscribe": "news"}'),
+        (masked(1, b'{"subscribe": ""}'), "give 1 to 200 printable characters"),
+        (masked(1, b"\xff\xfe"), "send UTF-8 JSON text"),
+    ],
+)
+def test_close_reasons_name_the_fix_within_123_bytes(
+    server: ServerProcess, frame: bytes, fix: str
+) -> None:
+    """A refused client frame's close reason says what to send instead, and fits the 123
+    bytes a close frame allows even when it quotes a long non-ASCII command."""
+    _, reason = close_code_after(server, frame)
+    assert fix in reason and len(reason.encode()) <= 123, reason
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize(
     ("frame", "code"),
     [
         (b"\x81\x05hello", 1002),  # an unmasked client frame: "incorrect masking"

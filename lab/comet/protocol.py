@@ -280,13 +280,18 @@ class Command:
         return _dumps({key: self.channel})
 
 
+# what a client may send on a WebSocket (close reasons name it; they fit 123 bytes)
+_COMMANDS = '{"subscribe": "C"} or {"unsubscribe": "C"}'
+
+
 class BadFrame(Exception):
     """A client frame the server does not accept: close the WebSocket with ``code``."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"{code} {reason}")
         self.code = code
-        self.reason = reason
+        # a close frame's reason holds at most 123 bytes of UTF-8 (RFC 6455 §5.5)
+        self.reason = reason.encode()[:123].decode("utf-8", "ignore")
 
 
 def parse_command(text: str) -> Command:
@@ -294,19 +299,23 @@ def parse_command(text: str) -> Command:
     try:
         obj = json.loads(text)
     except ValueError:
-        raise BadFrame(CLOSE_UNSUPPORTED_DATA, "frame is not JSON") from None
+        raise BadFrame(CLOSE_UNSUPPORTED_DATA, f"frame is not JSON: send {_COMMANDS}") from None
     if not isinstance(obj, dict) or len(obj) != 1:
         raise BadFrame(CLOSE_POLICY_VIOLATION, 'expected {"subscribe": C} or {"unsubscribe": C}')
     ((key, channel),) = obj.items()
     try:
         action = Action(key)
     except ValueError:
-        raise BadFrame(CLOSE_POLICY_VIOLATION, f"unknown command {key[:40]!r}") from None
+        raise BadFrame(
+            CLOSE_POLICY_VIOLATION, f"unknown command {key[:30]!r}: send {_COMMANDS}"
+        ) from None
     if not isinstance(channel, str):
-        raise BadFrame(CLOSE_POLICY_VIOLATION, "channel must be a string")
+        raise BadFrame(CLOSE_POLICY_VIOLATION, 'channel must be a string: {"subscribe": "news"}')
     problem = check_channel(channel)
     if problem is not None:
-        raise BadFrame(CLOSE_POLICY_VIOLATION, problem)
+        raise BadFrame(
+            CLOSE_POLICY_VIOLATION, f"{problem}: give 1 to {MAX_CHANNEL_CHARS} printable characters"
+        )
     return Command(action, channel)
 
 

@@ -132,7 +132,7 @@ class WsConn(asyncio.Protocol):
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError:
-                raise BadFrame(1007, "text frame is not UTF-8") from None
+                raise BadFrame(1007, "text frame is not UTF-8: send UTF-8 JSON text") from None
             command = parse_command(text)
         except BadFrame as exc:
             worker.errors += 1
