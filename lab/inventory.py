@@ -1,10 +1,11 @@
 """Inventories: the hosts a run reaches over SSH, as frozen ``HostSpec`` records.
 
 An inventory file is ``hosts: [{name, address, port, user, key_file, python, workdir,
-known_hosts, insecure_skip_host_key_check}]`` (or the bare list); an experiment's ``hosts:``
-names such a file or lists hosts inline. The default is ``LOCAL``: this machine through the
-embedded in-process SSH server. Secrets never go in these files (keys stay in key files or the
-ssh-agent). ``load_inventory(path)`` validates one; ``lab.experiment`` re-exports all of this.
+known_hosts, insecure_skip_host_key_check, connect_timeout_s}]`` (or the bare list); an
+experiment's ``hosts:`` names such a file or lists hosts inline. The default is ``LOCAL``: this
+machine through the embedded in-process SSH server. Secrets never go in these files (keys stay
+in key files or the ssh-agent). ``load_inventory(path)`` validates one; ``lab.experiment``
+re-exports all of this.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lab.comet.config import is_loopback
 from lab.validation import ExperimentError, Section, read_yaml
 
 LOCAL_HOST = "local"
+CONNECT_TIMEOUT_S = 15.0  # how long an SSH connect may take before the host counts as unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,7 @@ class HostSpec:
     workdir: str = "~/.comet-lab"
     known_hosts: str | None = None
     insecure_skip_host_key_check: bool = False
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
     embedded: bool = False
 
 
@@ -56,6 +59,7 @@ def host_from_dict(file: str, key: str, raw: Any) -> HostSpec:
         workdir=s.str_("workdir", "~/.comet-lab"),
         known_hosts=s.str_("known_hosts"),
         insecure_skip_host_key_check=s.bool_("insecure_skip_host_key_check", False),
+        connect_timeout_s=float(s.num("connect_timeout_s", CONNECT_TIMEOUT_S, above=0, hi=600)),
         embedded=embedded,
     )
     if embedded and not is_loopback(spec.address):

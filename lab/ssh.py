@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
     from lab.experiment import HostSpec
 
-CONNECT_TIMEOUT_S = 15.0
-
 
 class SSHConnectError(ConnectionError):
     """A host could not be reached: the message names the host, its address and the fix."""
@@ -198,7 +196,7 @@ def _connect_options(spec: HostSpec) -> dict[str, Any]:
     return options
 
 
-def _connect_fix(spec: HostSpec, exc: BaseException) -> str:
+def _connect_fix(spec: HostSpec, exc: BaseException, timeout_s: float) -> str:
     import asyncssh
 
     where = f"{spec.address}:{spec.port}"
@@ -216,7 +214,10 @@ def _connect_fix(spec: HostSpec, exc: BaseException) -> str:
             "key into ssh-agent, or add your public key to ~/.ssh/authorized_keys on the host"
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return f"no answer within {CONNECT_TIMEOUT_S:.0f} s: check the address and firewall"
+        return (
+            f"no answer within {timeout_s:g} s: check the address and firewall, or raise "
+            f"`connect_timeout_s` for host {spec.name!r} if it is slow to answer"
+        )
     if isinstance(exc, ConnectionRefusedError):
         return f"nothing listens on {where}: start sshd there or fix `address`/`port`"
     if isinstance(exc, OSError):
@@ -228,13 +229,17 @@ async def connect(
     spec: HostSpec,
     *,
     embedded: EmbeddedServer | None = None,
-    timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float | None = None,
 ) -> HostConnection:
     """Open an SSH connection to one inventory host; ``embedded`` serves hosts marked embedded.
 
-    Raises ``SSHConnectError`` naming the host, its address and the fix.
+    Raises ``SSHConnectError`` naming the host, its address and the fix. ``timeout_s``:
+    default the host's ``connect_timeout_s``.
     """
     import asyncssh
+
+    if timeout_s is None:
+        timeout_s = spec.connect_timeout_s
 
     if spec.embedded:
         if embedded is None:
@@ -263,7 +268,7 @@ async def connect(
         reason = str(exc) or type(exc).__name__
         raise SSHConnectError(
             f"cannot connect to host {spec.name!r} at {host}:{options.get('port', spec.port)}: "
-            f"{reason}. Fix: {_connect_fix(spec, exc)}"
+            f"{reason}. Fix: {_connect_fix(spec, exc, timeout_s)}"
         ) from exc
     return HostConnection(spec, conn)
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shlex
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import asyncssh
 import pytest
 
 from lab import doctor, ssh
-from lab.experiment import LOCAL, HostSpec
+from lab.experiment import LOCAL, ExperimentError, HostSpec
 from tests.conftest import require, require_root
 from tests.netns import kill_sshd, netns_hosts
 
@@ -112,6 +113,31 @@ async def test_connect_errors_name_host_address_and_fix(
     spec = dataclasses.replace(spec, insecure_skip_host_key_check=True)
     with pytest.raises(ssh.SSHConnectError, match="authentication failed"):
         await ssh.connect(spec, timeout_s=5)
+
+
+async def test_a_silent_host_times_out_at_its_own_connect_timeout() -> None:
+    """A host that accepts TCP but never speaks SSH: the connect gives up after the host's
+    connect_timeout_s (from the inventory), and the fix names that key."""
+    from lab.inventory import host_from_dict
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        spec = host_from_dict(
+            "inv.yaml", "hosts[0]",
+            {"name": "slow", "address": "127.0.0.1", "port": port, "connect_timeout_s": 0.5},
+        )  # fmt: skip
+        assert spec.connect_timeout_s == 0.5
+        began = time.monotonic()
+        with pytest.raises(ssh.SSHConnectError) as err:
+            await ssh.connect(spec)
+        took = time.monotonic() - began
+    assert took < 5, took  # the default would wait 15 s
+    assert "no answer within 0.5 s" in str(err.value)
+    assert "raise `connect_timeout_s` for host 'slow'" in str(err.value)
+    with pytest.raises(ExperimentError, match="connect_timeout_s"):
+        host_from_dict("inv.yaml", "hosts[0]", {"name": "x", "connect_timeout_s": 0})
 
 
 @contextlib.contextmanager
