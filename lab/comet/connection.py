@@ -127,6 +127,19 @@ _HEADER_FIELDS = {
     b"expect": "expect",
     b"host": "host",
 }
+
+
+def _set_header(req: Request, name: bytes, value: bytes) -> str | None:
+    """Keep a header the server reads (``_HEADER_FIELDS``) in ``req``; the field's name when
+    the header came before (the last one is kept), else None."""
+    field = _HEADER_FIELDS.get(name.lower())
+    if field is None:
+        return None
+    again = getattr(req, field) is not None
+    setattr(req, field, value)
+    return field if again else None
+
+
 # the Request slots whose header may come only once: a second one is answered 400 with this
 _ONCE = {
     "host": "two Host headers: send it once (RFC 9112 §3.2)",
@@ -191,9 +204,9 @@ class HttpConn(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """A connection handed over by the worker's acceptor (which counted it), with the
-        bytes it read already (``prefix``): they are parsed before anything read later. The
-        acceptor already counted it in ``worker.conns`` and ``worker.http_conns``."""
+        """A connection handed over by the worker's acceptor, which counted it in
+        ``worker.conns`` and ``worker.http_conns``, with the bytes it read already
+        (``prefix``): they are parsed before anything read later."""
         tcp = self.transport = cast(asyncio.Transport, transport)
         worker = self.worker
         if worker.stopping:
@@ -270,13 +283,10 @@ class HttpConn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        field = _HEADER_FIELDS.get(name.lower())
-        if field is not None:
-            req = self.req
-            if field in _ONCE and getattr(req, field, None) is not None:
-                self.error = (400, _ONCE[field])
-                raise Refused
-            setattr(req, field, value)
+        again = _set_header(cast(Request, self.req), name, value)
+        if again in _ONCE:
+            self.error = (400, _ONCE[again])
+            raise Refused
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -657,12 +667,8 @@ class FirstRequest:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
-        field = _HEADER_FIELDS.get(name.lower())
-        if field is not None:
-            req = self.req
-            if getattr(req, field) is not None:
-                self.twice = True
-            setattr(req, field, value)
+        if _set_header(self.req, name, value) is not None:
+            self.twice = True
 
 
 def fast_upgrade(data: bytes, max_head_bytes: int) -> tuple[Target, bytes] | None:
