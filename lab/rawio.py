@@ -74,7 +74,7 @@ class Poller:
     hold other entries with ``state``, ``ready(ev)`` and ``_read()`` (a server's connection
     waiting for its first bytes)."""
 
-    __slots__ = ("ep", "fds", "loop", "max_buffer", "sh", "tick_s")
+    __slots__ = ("also", "also_fd", "ep", "fds", "loop", "max_buffer", "sh", "tick_s")
 
     loop: asyncio.AbstractEventLoop
 
@@ -84,6 +84,10 @@ class Poller:
         self.sh = sh
         self.max_buffer = max_buffer
         self.tick_s = 0.0  # set by start(); the load process may change it between ticks
+        # another epoll set served alongside (the agent's C fast path): ``also()`` serves it
+        # and returns how many events it took; ``also_fd`` is its epoll fd. Set before start()
+        self.also: Any = None
+        self.also_fd = -1
 
     def start(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0) -> None:
         self.loop = loop
@@ -92,10 +96,17 @@ class Poller:
             loop.call_later(tick_s, self._tick)
         else:
             loop.add_reader(self.ep.fileno(), self.poll)
+            if self.also is not None:
+                loop.add_reader(self.also_fd, self.also)
 
     def _tick(self) -> None:
-        while self.poll() == MAX_EVENTS:
-            pass
+        also = self.also
+        while True:
+            busy = self.poll() == MAX_EVENTS
+            if also is not None and also() == MAX_EVENTS:
+                busy = True
+            if not busy:
+                break
         self.loop.call_later(self.tick_s, self._tick)
 
     def add(self, tr: Any, mask: int) -> None:

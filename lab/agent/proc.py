@@ -22,7 +22,11 @@ SIGTERM / SIGINT (or ``max_duration_s``): stop launching, close every connection
 I/O: the event loop (uvloop) keeps the timers, signals and stdin; every connection's socket
 lives in the process's own epoll set (``Poller``) behind a ``SockTransport``, which gives the
 session protocols the asyncio calls they use, with no task, coroutine, loop transport or
-socket object per connection.
+socket object per connection. WebSocket sessions go faster still through the C fast path
+(``lab.agent.fastpath``, unless ``fastpath`` is false in the config): it starts and upgrades
+connections and holds idle ones with no Python object, in an epoll set of its own served
+beside the ``Poller``'s, and hands a connection to the Python session objects ("adopts" it)
+the moment anything else happens to it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import gc
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -41,10 +46,19 @@ from typing import Any, TypedDict
 
 import psutil
 
+from lab.agent import fastpath
 from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
 from lab.agent.records import Outcome, Records
 from lab.agent.schedule import Arrival, Phase, PhaseKind, build_schedule
-from lab.agent.session import CLIENTS, SessionKind, Shared, Target, classify, make_target
+from lab.agent.session import (
+    CLIENTS,
+    SessionKind,
+    Shared,
+    State,
+    Target,
+    classify,
+    make_target,
+)
 from lab.limits import raise_nofile_soft_limit
 from lab.rawio import (
     EPOLLIN,
@@ -83,6 +97,12 @@ IDLE_AFTER_S = 0.1  # a gap in the schedule this long or longer counts as a hold
 PENDING = int(Outcome.PENDING)
 
 
+def max_fds() -> int:
+    """The highest file descriptor number this process can have, plus one."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 < soft < (1 << 22) else 1 << 22
+
+
 class ProcConfigJSON(TypedDict, total=False):
     """What the coordinator sends a load process (first stdin line)."""
 
@@ -102,6 +122,7 @@ class ProcConfigJSON(TypedDict, total=False):
     records_path: str | None
     lp_timeout_s: float
     kernel_timestamps: bool
+    fastpath: bool  # WebSocket sessions through the C fast path (absent: true)
 
 
 def phases_from_json(items: list[dict[str, Any]]) -> list[Phase]:
@@ -189,6 +210,23 @@ class LoadProcess:
         self.kernel_timestamps = bool(cfg.get("kernel_timestamps", True))
         self.stamps_on = kernel_timestamps_on() if self.kernel_timestamps else None
         self.poller = Poller(self.sh)
+        self.fast: fastpath.FastPath | None = None
+        if cfg.get("fastpath", True) and kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC):
+            lib = fastpath.load()
+            if lib is not None:
+                n_src = self.n_sources
+                self.fast = fastpath.FastPath(
+                    lib,
+                    self.records,
+                    self.dests,
+                    [p // n_src for p in range(self.pairs)],
+                    len(self.targets),
+                    timestamps=self.kernel_timestamps,
+                    maxfd=max_fds(),
+                    after=self.sh.subscribe_frames,
+                )
+                self.poller.also = self._fast_poll
+                self.poller.also_fd = self.fast.ep_fd
 
     # -- schedule ---------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -211,13 +249,24 @@ class LoadProcess:
         budget = BATCH
         k = self.next_open
         c = self.sh.counters
-        while k < n and opens[k] <= el and budget:
-            lag = el - opens[k]
+        if k < n and opens[k] <= el:
+            lag = el - opens[k]  # the earliest due is the latest
             if lag > c.lag_max_s:
                 c.lag_max_s = lag
-            self._launch(k)
-            k += 1
-            budget -= 1
+        fast = self.fast
+        if fast is not None:
+            k0 = k
+            while k < n and opens[k] <= el and budget:
+                k += 1
+                budget -= 1
+            if k > k0:
+                for i, err in fast.launch(k0, k):
+                    self.sh.fail(i, classify(OSError(err, os.strerror(err))))
+        else:
+            while k < n and opens[k] <= el and budget:
+                self._launch(k)
+                k += 1
+                budget -= 1
         self.next_open = k
         closes = self.sched.close_s
         order = self.close_order
@@ -295,6 +344,8 @@ class LoadProcess:
 
     def _close(self, i: int) -> None:
         client = self.sh.conns[i]
+        if client is None and self.fast is not None:
+            client = self._take(i)
         if client is not None:
             client.close()
 
@@ -304,10 +355,71 @@ class LoadProcess:
         for i, client in list(self.sh.pending.items()):
             if started[i] < limit:
                 client.fail(Outcome.TIMEOUT)
+        if self.fast is not None:
+            for i in self.fast.expired(limit):
+                client = self._take(i)
+                if client is not None:
+                    client.fail(Outcome.TIMEOUT)
+
+    # -- the C fast path's hand-overs --------------------------------------------------------
+    def _adopt(self, i: int, fd: int, state: int) -> Any:
+        """Row ``i``'s connection on ``fd``, until now the C fast path's, as Python session
+        objects in the ``Poller``'s set, in the state C had it in (``fastpath.ST_*``)."""
+        sh = self.sh
+        tgt = self.dests[(self.first + i * self.step) % self.pairs][1]
+        client = self.client_cls(sh, i, tgt)
+        tr = client.tr = SockTransport(self.poller, fd, client)
+        if self.kernel_timestamps:
+            tr.sock = _socket.socket(tgt.family, _socket.SOCK_STREAM, 0, fd)
+        sh.conns[i] = client
+        tr.state = OPEN
+        if state == fastpath.ST_HELD:
+            client.st = State.OPEN
+        else:  # the request is out (or C gave up on it): the response is due
+            client.st = State.HANDSHAKE
+            sh.pending[i] = client
+        self.poller.add(tr, EPOLLIN)
+        return client
+
+    def _take(self, i: int) -> Any:
+        """Row ``i``'s session objects, taking the connection from C if C holds it."""
+        assert self.fast is not None
+        fd, state = self.fast.release(i)
+        return self._adopt(i, fd, state) if fd >= 0 else None
+
+    def _fast_poll(self) -> int:
+        """Serve the C fast path's set; adopt what it hands over. Returns the events served."""
+        fast = self.fast
+        assert fast is not None
+        handed, served = fast.poll()
+        sh = self.sh
+        for kind, fd, i, arg, data, ts in handed:
+            if kind == fastpath.EV_FAIL:  # C closed it
+                sh.fail(i, classify(OSError(arg, os.strerror(arg))))
+            elif kind == fastpath.EV_ADOPT_DATA:  # a response C does not know: Python's check
+                client = self._adopt(i, fd, fastpath.ST_HANDSHAKE)
+                sh.rx_time = ts
+                try:
+                    client.data_received(data)
+                finally:
+                    sh.rx_time = 0.0
+                known = sh.upgrades.get(client.tgt.accept)
+                if known is not None:
+                    t = (self.first + i * self.step) % self.pairs // self.n_sources
+                    fast.expect(t, known)
+            else:  # EV_ADOPT_HELD: something happened on it (arg: its epoll events)
+                client = self._adopt(i, fd, fastpath.ST_HELD if arg >= 0 else fastpath.ST_HANDSHAKE)
+                if data:  # the subscribe frames C could not write whole
+                    client.tr.write(data)
+                if arg != 0:
+                    client.tr.ready(EPOLLIN if arg < 0 else arg)
+        return served
 
     # -- reporting --------------------------------------------------------------------------
     def _line(self, final: bool = False) -> dict[str, Any]:
         c = self.sh.counters
+        if self.fast is not None:
+            self.fast.take(c, self.sh.connect_hist)
         lag = c.lag_max_s
         if not self.stopping and self.next_open < len(self.sched):
             lag = max(lag, self._elapsed() - self.sched.open_s[self.next_open])
@@ -390,6 +502,8 @@ class LoadProcess:
         sh = self.sh
         unconnected = Outcome.TIMEOUT if self.reason == "completed" else Outcome.PENDING
         for i, client in enumerate(sh.conns):
+            if client is None and self.fast is not None:
+                client = self._take(i)
             if client is not None:
                 client.close(unconnected)
             if i % 2048 == 2047:
@@ -413,6 +527,8 @@ class LoadProcess:
         self.t0 = loop.time() + (start_at - now)
         self.mono0 = time.monotonic() + (start_at - now)
         self.sh.clock = self._unix
+        if self.fast is not None:
+            self.fast.set_clock(start_at, self.mono0)
         # with kernel receive times the sockets are read in ticks (their figures do not
         # depend on when they are read), else at each arrival
         self.poller.start(loop, READ_TICK_S if self.kernel_timestamps else 0.0)
