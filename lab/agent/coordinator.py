@@ -753,7 +753,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(
             f"lab.agent: {len(schedule)} connections over {len(cfgs)} process(es)"
             f"{_side_by_side(cfgs)}, "
-            f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s",
+            f"{len(cfgs[0]['source_ips'])} source address(es), plan {schedule.end_s:.1f}s"
+            f"{', C fast path' if cfgs[0].get('fastpath') else ''}",
             file=sys.stderr,
         )
     out = open(args.out, "a", encoding="utf-8") if args.out else None  # noqa: SIM115

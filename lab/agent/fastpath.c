@@ -16,7 +16,12 @@
  * builds the connection's session objects and carries on as if it had opened it itself.
  *
  * Plain C with no Python API: loaded with ctypes (lab.agent.fastpath), built with the system's
- * C compiler at first use. Single-threaded: one context per load process.
+ * C compiler at first use. One context per load process. Two threads may use it: the
+ * launcher (fp_run: starts the rows on schedule, sleeping in clock_nanosleep between batches,
+ * so that the Python event loop need not wake every 2 ms for them) and the event-loop thread
+ * (everything else). The launcher writes only rows it has not published yet (`launched`), the
+ * per-fd slots of sockets it has just created (before they join the epoll set), its own
+ * counters (atomic) and the lag; the event-loop thread reads rows below `launched`.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -78,6 +83,7 @@ typedef struct {
 
 typedef struct {
     int64_t started, connected, open, bytes_in, bytes_out;
+    int64_t launched, lag_max_ns; /* rows started so far; the largest start lag since asked */
 } counts_t;
 
 typedef struct {
@@ -95,6 +101,11 @@ typedef struct {
     const char *after; /* written once upgraded (subscribe frames), may be empty */
     int afterlen;
     int pend_lo; /* rows below this are no longer connecting (for fp_expired) */
+    int fail_lo; /* rows below this were looked at by fp_fails */
+    int32_t *err_of; /* per row: the errno its start failed with, 0 if none */
+    int launched;    /* rows started (atomic: written by the launcher) */
+    int stop;        /* atomic: the launcher stops at its next turn */
+    int64_t l_started, l_bytes_out, lag_max_ns; /* the launcher's counts (atomic) */
     counts_t c;
     int64_t hist[N_BUCKETS];
     char arena[MAX_EVENTS * READ_BYTES / 4];
@@ -139,15 +150,16 @@ void *fp_new(int n, int first, int step, int npairs, int ntargets, int maxfd, do
     x->start_at = start_at;
     x->mono0 = mono0;
     x->fd_of = malloc(sizeof(int32_t) * (n ? n : 1));
+    x->err_of = calloc(n ? n : 1, sizeof(int32_t));
     x->row = calloc(maxfd, sizeof(int32_t));
     x->st = calloc(maxfd, 1);
     x->off = calloc(maxfd, sizeof(uint16_t));
     x->pairs = calloc(npairs ? npairs : 1, sizeof(pair_t));
     x->targets = calloc(ntargets ? ntargets : 1, sizeof(target_t));
-    if (x->ep < 0 || !x->fd_of || !x->row || !x->st || !x->off || !x->pairs || !x->targets) {
+    if (x->ep < 0 || !x->fd_of || !x->err_of || !x->row || !x->st || !x->off || !x->pairs || !x->targets) {
         if (x->ep >= 0) close(x->ep);
-        free(x->fd_of), free(x->row), free(x->st), free(x->off), free(x->pairs);
-        free(x->targets), free(x);
+        free(x->fd_of), free(x->err_of), free(x->row), free(x->st), free(x->off);
+        free(x->pairs), free(x->targets), free(x);
         return NULL;
     }
     for (int i = 0; i < n; i++) x->fd_of[i] = -1;
@@ -192,15 +204,14 @@ static void forget(ctx_t *x, int fd) {
     x->st[fd] = ST_NONE;
 }
 
-/* Start rows i_from .. i_to-1. A row whose socket, bind or connect fails is closed and
- * reported in fails (row, errno pairs, at most maxfails); returns how many. */
-int fp_launch(ctx_t *x, int i_from, int i_to, int32_t *fails, int maxfails) {
-    int nf = 0;
+/* Start rows i_from .. i_to-1 (in order, after every row before them). A row whose socket,
+ * bind, connect or request fails is closed and its errno kept for fp_fails. */
+void fp_launch(ctx_t *x, int i_from, int i_to) {
     for (int i = i_from; i < i_to; i++) {
         const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
         x->started[i] = unix_now(x);
         x->outcome[i] = OUTCOME_PENDING;
-        x->c.started++;
+        __atomic_fetch_add(&x->l_started, 1, __ATOMIC_RELAXED);
         int one = 1, err = 0;
         int fd = socket(q->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
@@ -220,11 +231,7 @@ int fp_launch(ctx_t *x, int i_from, int i_to, int32_t *fails, int maxfails) {
         }
         if (err) {
             if (fd >= 0) close(fd);
-            if (nf < maxfails) {
-                fails[2 * nf] = i;
-                fails[2 * nf + 1] = err;
-                nf++;
-            }
+            x->err_of[i] = err;
             continue;
         }
         /* on loopback the handshake is done when connect() returns and the request goes now;
@@ -233,23 +240,18 @@ int fp_launch(ctx_t *x, int i_from, int i_to, int32_t *fails, int maxfails) {
         if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { /* refused, reset ... */
             err = errno;
             close(fd);
-            if (nf < maxfails) {
-                fails[2 * nf] = i;
-                fails[2 * nf + 1] = err;
-                nf++;
-            }
+            x->err_of[i] = err;
             continue;
         }
         uint32_t mask = EPOLLIN;
         x->row[fd] = i;
         x->fd_of[i] = fd;
+        if (w > 0) __atomic_fetch_add(&x->l_bytes_out, w, __ATOMIC_RELAXED);
         if (w == q->reqlen) {
             x->st[fd] = ST_HANDSHAKE;
-            x->c.bytes_out += w;
         } else {
             x->st[fd] = ST_CONNECTING;
             x->off[fd] = w > 0 ? (uint16_t)w : 0;
-            if (w > 0) x->c.bytes_out += w;
             mask |= EPOLLOUT;
         }
         struct epoll_event e = {.events = mask, .data.fd = fd};
@@ -257,14 +259,70 @@ int fp_launch(ctx_t *x, int i_from, int i_to, int32_t *fails, int maxfails) {
             err = errno;
             forget(x, fd);
             close(fd);
-            if (nf < maxfails) {
-                fails[2 * nf] = i;
-                fails[2 * nf + 1] = err;
-                nf++;
-            }
+            x->err_of[i] = err;
         }
     }
-    return nf;
+    __atomic_store_n(&x->launched, i_to, __ATOMIC_RELEASE);
+}
+
+static double mono_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void sleep_until(double mono) {
+    struct timespec t;
+    t.tv_sec = (time_t)mono;
+    t.tv_nsec = (long)((mono - (double)t.tv_sec) * 1e9);
+    if (t.tv_nsec >= 1000000000L) t.tv_sec++, t.tv_nsec -= 1000000000L;
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR) {
+    }
+}
+
+/* The launcher: start rows i_from .. n-1 at their times (opens[i]: seconds after mono0, not
+ * decreasing), waking at most once per `window` seconds while rows are due (everything due by
+ * then starts together), until all are started or fp_stop. Runs in a thread of its own, so
+ * that the process sleeps in C between batches. Returns the rows started. */
+int fp_run(ctx_t *x, const double *opens, int i_from, double window) {
+    int k = i_from, n = x->n;
+    while (k < n && !__atomic_load_n(&x->stop, __ATOMIC_ACQUIRE)) {
+        double el = mono_now() - x->mono0;
+        if (opens[k] <= el) {
+            int64_t lag = (int64_t)((el - opens[k]) * 1e9);
+            if (lag > __atomic_load_n(&x->lag_max_ns, __ATOMIC_RELAXED))
+                __atomic_store_n(&x->lag_max_ns, lag, __ATOMIC_RELAXED);
+            int k1 = k;
+            while (k1 < n && opens[k1] <= el) k1++;
+            fp_launch(x, k, k1);
+            k = k1;
+            if (k >= n) break;
+            double next = opens[k] > el + window ? opens[k] : el + window;
+            double cap = mono_now() - x->mono0 + 0.05; /* look at `stop` 20 times a second */
+            sleep_until(x->mono0 + (next < cap ? next : cap));
+        } else {
+            double cap = el + 0.05;
+            sleep_until(x->mono0 + (opens[k] < cap ? opens[k] : cap));
+        }
+    }
+    return k;
+}
+
+void fp_stop(ctx_t *x) { __atomic_store_n(&x->stop, 1, __ATOMIC_RELEASE); }
+
+/* Rows whose start failed, as (row, errno) pairs, at most max, each reported once. */
+int fp_fails(ctx_t *x, int32_t *pairs, int max) {
+    int k = 0, top = __atomic_load_n(&x->launched, __ATOMIC_ACQUIRE);
+    int i = x->fail_lo;
+    for (; i < top && k < max; i++) {
+        if (x->err_of[i]) {
+            pairs[2 * k] = i;
+            pairs[2 * k + 1] = x->err_of[i];
+            k++;
+        }
+    }
+    x->fail_lo = i;
+    return k;
 }
 
 static int emit(out_t *out, int k, int kind, int fd, int i, int arg) {
@@ -357,11 +415,11 @@ int fp_poll(ctx_t *x, out_t *out, int *nev) {
                 }
             }
         }
-        x->c.bytes_in += r;
         const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
         const target_t *t = &x->targets[q->target];
         if (t->exp && r == t->explen && memcmp(buf, t->exp, (size_t)r) == 0) {
             double now = ts > 0 ? ts : unix_now(x);
+            x->c.bytes_in += r; /* (a response handed over is counted by Python) */
             x->connected[i] = now;
             x->outcome[i] = OUTCOME_OK;
             x->c.connected++;
@@ -420,6 +478,10 @@ int fp_expired(ctx_t *x, double limit, int32_t *rows, int max) {
 void fp_take_counts(ctx_t *x, counts_t *out) {
     *out = x->c;
     memset(&x->c, 0, sizeof x->c);
+    out->started = __atomic_exchange_n(&x->l_started, 0, __ATOMIC_RELAXED);
+    out->bytes_out += __atomic_exchange_n(&x->l_bytes_out, 0, __ATOMIC_RELAXED);
+    out->launched = __atomic_load_n(&x->launched, __ATOMIC_ACQUIRE);
+    out->lag_max_ns = __atomic_exchange_n(&x->lag_max_ns, 0, __ATOMIC_RELAXED);
 }
 
 /* the non-empty histogram buckets (index, count), at most max, emptied */
@@ -449,6 +511,6 @@ void fp_free(ctx_t *x) {
     for (int i = 0; i < x->n; i++)
         if (x->fd_of[i] >= 0) close(x->fd_of[i]);
     close(x->ep);
-    free(x->fd_of), free(x->row), free(x->st), free(x->off), free(x->pairs), free(x->targets);
-    free(x);
+    free(x->fd_of), free(x->err_of), free(x->row), free(x->st), free(x->off), free(x->pairs);
+    free(x->targets), free(x);
 }

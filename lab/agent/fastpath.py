@@ -10,8 +10,8 @@ destination, any other response, messages, closes, timeouts) is handed to the Py
 objects (``lab.agent.session``), which carry on as if they had opened the connection.
 
 Building: the C file ships with the package and is compiled with the host's C compiler (``cc``,
-or ``$CC``) at first use, into ``$XDG_CACHE_HOME/comet-lab`` (``~/.cache/comet-lab``), named
-by a hash of the source, so each host builds it once. No Python headers are needed: it is
+or ``$CC``) at first use, into ``~/.cache/comet-lab/fastpath`` (``$COMET_LAB_CACHE/fastpath``),
+named by a hash of the source, so each host builds it once. No Python headers are needed: it is
 plain C loaded with ctypes. Without a compiler, or with ``LAB_AGENT_FASTPATH=0``, the agent
 uses its Python path, which measures the same things with more CPU per connection.
 """
@@ -61,13 +61,24 @@ class Counts(ctypes.Structure):
 
     _fields_ = [
         (name, ctypes.c_int64)
-        for name in ("started", "connected", "open", "bytes_in", "bytes_out")
+        for name in (
+            "started",
+            "connected",
+            "open",
+            "bytes_in",
+            "bytes_out",
+            "launched",
+            "lag_max_ns",
+        )
     ]
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "comet-lab"
+    """Where the library is built: ``$COMET_LAB_CACHE/fastpath`` (as ``lab.deploy``'s cache),
+    else ``~/.cache/comet-lab/fastpath``."""
+    env = os.environ.get("COMET_LAB_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "comet-lab"
+    return base / "fastpath"
 
 
 def library_path() -> Path:
@@ -95,7 +106,7 @@ def build() -> tuple[Path | None, str]:
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
         os.close(fd)
     except OSError as exc:
-        return None, f"cannot write to {out.parent} ({exc.strerror}): set XDG_CACHE_HOME"
+        return None, f"cannot write to {out.parent} ({exc.strerror}): set COMET_LAB_CACHE"
     try:
         res = subprocess.run(
             [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
@@ -141,7 +152,12 @@ def load() -> ctypes.CDLL | None:
     lib.fp_after.restype = None
     lib.fp_set_clock.argtypes = [vp, dbl, dbl]
     lib.fp_set_clock.restype = None
-    lib.fp_launch.argtypes = [vp, i32, i32, vp, i32]
+    lib.fp_launch.argtypes = [vp, i32, i32]
+    lib.fp_launch.restype = None
+    lib.fp_run.argtypes = [vp, vp, i32, dbl]
+    lib.fp_stop.argtypes = [vp]
+    lib.fp_stop.restype = None
+    lib.fp_fails.argtypes = [vp, vp, i32]
     lib.fp_poll.argtypes = [vp, vp, vp]
     lib.fp_release.argtypes = [vp, i32, vp]
     lib.fp_expired.argtypes = [vp, dbl, vp, i32]
@@ -243,7 +259,8 @@ class FastPath:
         lib.fp_after(self.x, after or None, len(after))
         self.out = (Out * MAX_EVENTS)()
         self.nev = ctypes.c_int(0)
-        self.fails = (ctypes.c_int32 * 512)()
+        self.fails_buf = (ctypes.c_int32 * 512)()
+        self.launched = 0  # rows started, as of the last take()
         self.rows = (ctypes.c_int32 * 4096)()
         self.hist = (ctypes.c_int64 * (2 * HIST_PAIRS))()
         self.counts = Counts()
@@ -262,11 +279,30 @@ class FastPath:
             self._keep.append(response)
             self.lib.fp_expect(self.x, target, response, len(response))
 
-    def launch(self, i_from: int, i_to: int) -> list[tuple[int, int]]:
-        """Start rows ``i_from`` .. ``i_to - 1``; the (row, errno) of those that failed."""
-        nf = self.lib.fp_launch(self.x, i_from, i_to, self.fails, 256)
-        f = self.fails
-        return [(f[2 * k], f[2 * k + 1]) for k in range(nf)]
+    def launch(self, i_from: int, i_to: int) -> None:
+        """Start rows ``i_from`` .. ``i_to - 1`` now (failures: ``fails()``)."""
+        self.lib.fp_launch(self.x, i_from, i_to)
+
+    def run(self, opens: array, i_from: int, window_s: float) -> int:
+        """The launcher (call it in a thread of its own: the GIL is released meanwhile):
+        start rows ``i_from`` .. at their times ``opens[i]`` (seconds after the clock's
+        ``mono0``), at most one batch per ``window_s``, until all are started or ``stop()``.
+        Returns the rows started."""
+        return int(self.lib.fp_run(self.x, _addr(opens), i_from, window_s))
+
+    def stop(self) -> None:
+        """The launcher stops at its next turn (within 50 ms)."""
+        self.lib.fp_stop(self.x)
+
+    def fails(self) -> list[tuple[int, int]]:
+        """(row, errno) of the rows whose start failed since last asked."""
+        out: list[tuple[int, int]] = []
+        f = self.fails_buf
+        while True:
+            nf = self.lib.fp_fails(self.x, f, 256)
+            out += [(f[2 * k], f[2 * k + 1]) for k in range(nf)]
+            if nf < 256:
+                return out
 
     def poll(self) -> tuple[list[tuple[int, int, int, int, bytes, float]], int]:
         """Serve what is ready: the events for Python, as (kind, fd, row, arg, data, ts), and
@@ -293,10 +329,12 @@ class FastPath:
         k = self.lib.fp_expired(self.x, limit, self.rows, len(self.rows))
         return list(self.rows[:k])
 
-    def take(self, counters: Any, hist: Any) -> None:
-        """Add what C counted and timed since last asked to ``counters`` and ``hist``."""
+    def take(self, counters: Any, hist: Any) -> float:
+        """Add what C counted and timed since last asked to ``counters`` and ``hist``; return
+        the largest start lag (s) since then. Updates ``launched``."""
         c = self.counts
         self.lib.fp_take_counts(self.x, ctypes.byref(c))
+        self.launched = c.launched
         counters.started += c.started
         counters.connected += c.connected
         counters.open += c.open
@@ -312,6 +350,7 @@ class FastPath:
                 counts[idx] = counts.get(idx, 0) + n
                 total += n
             hist.total += total
+        return c.lag_max_ns * 1e-9
 
     def owned(self) -> int:
         """How many connections C holds."""

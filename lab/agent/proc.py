@@ -41,6 +41,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from typing import Any, TypedDict
 
@@ -227,6 +228,11 @@ class LoadProcess:
                 )
                 self.poller.also = self._fast_poll
                 self.poller.also_fd = self.fast.ep_fd
+        # the C fast path's launcher thread starts the rows when no row closes before the last
+        # one opens (no churn: closes stay with the event loop, after every open)
+        close_s = self.sched.close_s
+        self.threaded = self.fast is not None and n > 0 and min(close_s) > self.sched.open_s[-1]
+        self.launcher: threading.Thread | None = None
 
     # -- schedule ---------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -254,14 +260,16 @@ class LoadProcess:
             if lag > c.lag_max_s:
                 c.lag_max_s = lag
         fast = self.fast
-        if fast is not None:
+        if self.threaded:
+            pass  # the launcher thread starts them
+        elif fast is not None:
             k0 = k
             while k < n and opens[k] <= el and budget:
                 k += 1
                 budget -= 1
             if k > k0:
-                for i, err in fast.launch(k0, k):
-                    self.sh.fail(i, classify(OSError(err, os.strerror(err))))
+                fast.launch(k0, k)
+                self._fast_fails()
         else:
             while k < n and opens[k] <= el and budget:
                 self._launch(k)
@@ -271,6 +279,8 @@ class LoadProcess:
         closes = self.sched.close_s
         order = self.close_order
         j = self.next_close
+        if self.launcher is not None and j < n and closes[order[j]] <= el:
+            self._join_launcher(stop=False)  # every open before the first close
         while j < n and closes[order[j]] <= el and budget:
             self._close(order[j])
             j += 1
@@ -387,10 +397,40 @@ class LoadProcess:
         fd, state = self.fast.release(i)
         return self._adopt(i, fd, state) if fd >= 0 else None
 
+    def _start_launcher(self) -> None:
+        fast = self.fast
+        assert fast is not None
+        self.next_open = len(self.sched)  # the launcher's now (the event loop keeps the closes)
+        self.launcher = threading.Thread(
+            target=fast.run,
+            args=(self.sched.open_s, 0, LAUNCH_WINDOW_S),
+            name="launcher",
+            daemon=True,
+        )
+        self.launcher.start()
+
+    def _join_launcher(self, stop: bool) -> None:
+        """Wait for the launcher thread to end (``stop``: now, else once every row started)."""
+        if self.launcher is None:
+            return
+        assert self.fast is not None
+        if stop:
+            self.fast.stop()
+        self.launcher.join()
+        self.launcher = None
+        self._fast_fails()
+
+    def _fast_fails(self) -> None:
+        assert self.fast is not None
+        for i, err in self.fast.fails():
+            self.sh.fail(i, classify(OSError(err, os.strerror(err))))
+
     def _fast_poll(self) -> int:
         """Serve the C fast path's set; adopt what it hands over. Returns the events served."""
         fast = self.fast
         assert fast is not None
+        if self.launcher is not None:
+            self._fast_fails()
         handed, served = fast.poll()
         sh = self.sh
         for kind, fd, i, arg, data, ts in handed:
@@ -411,6 +451,7 @@ class LoadProcess:
                 client = self._adopt(i, fd, fastpath.ST_HELD if arg >= 0 else fastpath.ST_HANDSHAKE)
                 if data:  # the subscribe frames C could not write whole
                     client.tr.write(data)
+                    sh.counters.bytes_out += len(data)
                 if arg != 0:
                     client.tr.ready(EPOLLIN if arg < 0 else arg)
         return served
@@ -418,11 +459,14 @@ class LoadProcess:
     # -- reporting --------------------------------------------------------------------------
     def _line(self, final: bool = False) -> dict[str, Any]:
         c = self.sh.counters
+        opened = self.next_open
         if self.fast is not None:
-            self.fast.take(c, self.sh.connect_hist)
+            c.lag_max_s = max(c.lag_max_s, self.fast.take(c, self.sh.connect_hist))
+            if self.threaded:
+                opened = self.fast.launched
         lag = c.lag_max_s
-        if not self.stopping and self.next_open < len(self.sched):
-            lag = max(lag, self._elapsed() - self.sched.open_s[self.next_open])
+        if not self.stopping and opened < len(self.sched):
+            lag = max(lag, self._elapsed() - self.sched.open_s[opened])
         try:
             cpu = self.ps.cpu_percent(None)
             uss = self.ps.memory_full_info().uss
@@ -501,6 +545,7 @@ class LoadProcess:
     async def _shutdown(self) -> None:
         sh = self.sh
         unconnected = Outcome.TIMEOUT if self.reason == "completed" else Outcome.PENDING
+        self._join_launcher(stop=self.reason != "completed")
         for i, client in enumerate(sh.conns):
             if client is None and self.fast is not None:
                 client = self._take(i)
@@ -542,6 +587,8 @@ class LoadProcess:
         self.ps.cpu_percent(None)
         self._watch_stdin()
         loop.call_at(self.t0, self._pump)
+        if self.threaded:
+            self._start_launcher()
         loop.call_at(self.t0 + 1, self._on_tick)
         await self.done.wait()
         self.tick += 1
