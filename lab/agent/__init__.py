@@ -14,6 +14,11 @@
                   each a consecutive run, while fewer keep the rate: ``Schedule.lanes``);
                   its sockets in one epoll set (``lab.rawio``), read in 2 ms ticks with
                   kernel receive times
+- ``fastpath``    WebSocket sessions' hot path in C (``fastpath.c``, ctypes, built with the
+                  host's ``cc`` at first use; ``LAB_AGENT_FASTPATH=0`` turns it off): a
+                  launcher thread starts the rows on schedule, and the start, the upgrade and
+                  the idle hold cost no Python object; anything else (an unknown response,
+                  a message, a close, a timeout) is handed to ``session``'s objects
 - ``coordinator`` the parent: capacity, processes, merged stream, records, publisher
 - ``publisher``   POST /pub/<channel> at a rate, each body carrying its send time
 - ``records``     per-connection columns and the .rec file format
