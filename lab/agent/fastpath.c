@@ -290,8 +290,10 @@ int fp_run(ctx_t *x, const double *opens, int i_from, double window) {
         double el = mono_now() - x->mono0;
         if (opens[k] <= el) {
             int64_t lag = (int64_t)((el - opens[k]) * 1e9);
-            if (lag > __atomic_load_n(&x->lag_max_ns, __ATOMIC_RELAXED))
-                __atomic_store_n(&x->lag_max_ns, lag, __ATOMIC_RELAXED);
+            int64_t seen = __atomic_load_n(&x->lag_max_ns, __ATOMIC_RELAXED);
+            while (lag > seen && !__atomic_compare_exchange_n(&x->lag_max_ns, &seen, lag, 1,
+                                                               __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
             int k1 = k;
             while (k1 < n && opens[k1] <= el) k1++;
             fp_launch(x, k, k1);
@@ -365,7 +367,8 @@ int fp_poll(ctx_t *x, out_t *out, int *nev) {
             if (ev & (EPOLLERR | EPOLLHUP)) {
                 getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
                 if (!soerr) soerr = ECONNRESET;
-            } else if (ev & EPOLLOUT) {
+            } else if (ev & EPOLLOUT) { /* (a request this small is never written in parts
+                                          * on loopback; elsewhere EPOLLOUT comes first) */
                 const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
                 ssize_t w = write(fd, q->req + x->off[fd], q->reqlen - x->off[fd]);
                 if (w < 0 && errno != EAGAIN) soerr = errno;
@@ -462,13 +465,13 @@ int fp_release(ctx_t *x, int i, int *state) {
 /* Rows still connecting or handshaking that started before `limit` (unix s), at most max,
  * released to Python (which fails them as timeouts). */
 int fp_expired(ctx_t *x, double limit, int32_t *rows, int max) {
-    int k = 0;
-    /* rows start in order: skip those started and settled (a NaN start: not started yet) */
-    while (x->pend_lo < x->n && x->started[x->pend_lo] == x->started[x->pend_lo] &&
-           x->outcome[x->pend_lo] != OUTCOME_PENDING)
-        x->pend_lo++;
-    for (int i = x->pend_lo; i < x->n && k < max; i++) {
-        if (!(x->started[i] < limit)) break; /* NaN: not started yet */
+    int k = 0, top = __atomic_load_n(&x->launched, __ATOMIC_ACQUIRE);
+    /* rows start in order: skip those settled; only rows the launcher has published (below
+     * `launched`) are read: a row it is still starting may have its start time and not yet
+     * its PENDING outcome */
+    while (x->pend_lo < top && x->outcome[x->pend_lo] != OUTCOME_PENDING) x->pend_lo++;
+    for (int i = x->pend_lo; i < top && k < max; i++) {
+        if (!(x->started[i] < limit)) break;
         int fd = x->fd_of[i];
         if (fd >= 0 && x->st[fd] != ST_HELD) rows[k++] = i;
     }

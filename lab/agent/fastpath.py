@@ -253,7 +253,7 @@ class FastPath:
                 len(tgt.request),
                 target_index[p],
             )
-        self.expected: list[bytes | None] = [None] * n_targets
+        self.expected: list[bytes | None] = [None] * n_targets  # what C compares with
         self.after = after
         self._keep.append(after)
         lib.fp_after(self.x, after or None, len(after))
@@ -275,9 +275,10 @@ class FastPath:
         """``response`` (a whole 101 that the Python path accepted) is what ``target``
         answers: equal responses are taken as upgrades without Python."""
         if self.expected[target] is not response:
-            self.expected[target] = response
-            self._keep.append(response)
+            # C points into the newest response only: the list keeps it alive (and lets the
+            # one before go: a server with a Date header sends a new one every second)
             self.lib.fp_expect(self.x, target, response, len(response))
+            self.expected[target] = response
 
     def launch(self, i_from: int, i_to: int) -> None:
         """Start rows ``i_from`` .. ``i_to - 1`` now (failures: ``fails()``)."""

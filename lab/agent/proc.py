@@ -528,6 +528,8 @@ class LoadProcess:
         if self.done is None or self.done.is_set():
             return
         self.tick += 1
+        if self.launcher is not None:
+            self._fast_fails()  # (read mode: the C set may not become readable meanwhile)
         self._sweep_timeouts()
         self._emit(self._line())
         assert self.loop is not None
