@@ -189,3 +189,19 @@ def test_sockaddr_layout() -> None:
     )
     a6 = fastpath.sockaddr(socket.AF_INET6, "::1", 443)
     assert len(a6) == 28 and a6[8:24] == socket.inet_pton(socket.AF_INET6, "::1")
+
+
+def test_the_fd_table_is_grown_before_the_launcher_thread_starts() -> None:
+    # a multi-threaded process waits for an RCU grace period at each doubling of its fd table
+    code = (
+        "import re\n"
+        "from lab.agent.proc import presize_fd_table\n"
+        "def size():\n"
+        "    return int(re.search(r'FDSize:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "before = size()\n"
+        "presize_fd_table(5000)\n"
+        "print(before, size())\n"
+    )
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    before, after = map(int, p.stdout.split())
+    assert before < 5000 <= after, (before, after)
