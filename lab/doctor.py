@@ -264,6 +264,18 @@ def plan_host_findings(
                         f"assign it (ip addr add {ip}/32 dev lo) or change agents.source_ips",
                     )
                 )
+        if "c_compiler" in facts and not facts["c_compiler"]:
+            out.append(
+                Finding(
+                    share.host,
+                    "C compiler",
+                    Level.WARN,
+                    "none",
+                    "the load agent builds its C fast path with cc: without one its "
+                    "connections take the Python path, ~40 us more agent CPU per new connection",
+                    "apt-get install gcc on the host",
+                )
+            )
         cores = _int(facts.get("cpu_affinity")) or _int(facts.get("cpu_count"))
         if cores and share.rate_per_s > cores * RATE_PER_PROCESS_WARN:
             out.append(

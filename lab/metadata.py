@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,8 @@ def collect_host_metadata() -> dict[str, Any]:
         "packages": package_versions(CORE_PACKAGES),
         "addresses": read_addresses(),
         "tcp_time_wait": _time_wait(),
+        # what builds the load agent's C fast path (lab.agent.fastpath), None if nothing
+        "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
         "time": time.time(),
     }
 

@@ -432,7 +432,7 @@ async def measure_clock_offset(conn: HostConnection, python: str, samples: int =
 
 
 _FACTS_BODY = r"""
-import json, os, platform, resource, sys
+import json, os, platform, resource, shutil, sys
 def read(path):
     try:
         with open(path) as f:
@@ -476,6 +476,7 @@ print(json.dumps({
     "mem_total_bytes": mem.get("MemTotal"),
     "mem_available_bytes": mem.get("MemAvailable"),
     "tcp_time_wait": tw,
+    "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
     "time": __import__("time").time(),
 }))
 """
@@ -491,7 +492,8 @@ async def gather_facts(conn: HostConnection, python: str | None = None) -> dict[
     Keys: python, python_executable, implementation, machine, libc, kernel, hostname,
     cpu_count, nofile_soft, nofile_hard (None = unlimited), sysctls (ip_local_port_range as
     [low, high], somaxconn, tcp_max_syn_backlog, file-max, nr_open), mem_total_bytes,
-    tcp_time_wait (TCP sockets in TIME_WAIT), addresses ([address, prefix, interface]: where
+    tcp_time_wait (TCP sockets in TIME_WAIT), c_compiler (the path of ``cc``, which builds
+    the load agent's C fast path, or None), addresses ([address, prefix, interface]: where
     agents may bind source addresses),
     mem_available_bytes, clock_offset_s, clock_rtt_s. For ``lab doctor``.
     """

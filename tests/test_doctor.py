@@ -176,3 +176,15 @@ def test_a_host_whose_python_does_not_run_is_named_so() -> None:
     assert "set `python:`" in finding.message and finding.fix == ""
     (unreached,) = check_host({"error": "cannot connect to host 'a1'"}, host="a1")
     assert unreached.check == "reachable" and "address" in unreached.fix
+
+
+def test_an_agent_host_without_a_c_compiler_is_warned() -> None:
+    facts = {**GOOD, "cpu_count": 2, "addresses": [["127.0.0.1", 8, "lo"]], "c_compiler": None}
+    exp = load_experiment(ROOT / "experiments" / "c64k.yaml")
+    (warn,) = [f for f in check_plan(exp, {"local": facts}) if f.level is not Level.OK]
+    assert (warn.check, warn.level, warn.value) == ("C compiler", Level.WARN, "none")
+    assert "Python path" in warn.message and "apt-get install gcc" in warn.fix
+    with_cc = {**facts, "c_compiler": "/usr/bin/cc"}
+    assert all(f.level is Level.OK for f in check_plan(exp, {"local": with_cc}))
+    # the facts of this host name its compiler
+    assert collect_host_metadata()["c_compiler"]

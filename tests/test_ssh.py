@@ -73,6 +73,7 @@ async def test_facts_and_clock_offset(embedded: ssh.EmbeddedServer) -> None:
     low, high = facts["sysctls"]["net.ipv4.ip_local_port_range"]
     assert 0 < low < high
     assert facts["mem_available_bytes"] > 0
+    assert facts["c_compiler"]  # what builds the agent's C fast path
     assert ["127.0.0.0", 8, ""] in facts["addresses"]  # a whole loopback network is local
     # same machine, same clock: the measured offset is within the round trip
     assert abs(facts["clock_offset_s"]) <= facts["clock_rtt_s"] + 0.05
