@@ -173,9 +173,9 @@ class Engine:
         await self._guarded(self._close(), "close")
         self.record.update(outcome=self.outcome.value, reason=self.reason, ended=time.time())
         self.folder.write_run_json(self.record)
+        self.progress.close()  # the last status (every role has stopped), before the tables
         self._collect()
         self.folder.write_run_json(self.record)
-        self.progress.close()
         return self.record
 
     async def _guarded(self, coro: Any, what: str) -> None:

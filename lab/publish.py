@@ -43,6 +43,11 @@ class OutputPathError(PublishError):
     """``lab compare --out`` names a place that cannot be written (a usage error: exit 2)."""
 
 
+class RunFolderError(PublishError):
+    """A path given as a run that is not one (missing, no run.json, not a run's record): a
+    usage error, exit 2."""
+
+
 class ForeignIndexError(PublishError):
     """An ``index.html`` comet-lab did not write: it is left alone, the index is not written."""
 
@@ -146,6 +151,7 @@ def publish_report(folder: Path | str) -> Path:
     and ``<folder>/report.html``; regenerate the index (``refresh_index``). Returns the
     report's path."""
     folder = _run_folder(folder)
+    _read_record(folder)  # a run's record, not any JSON
     notebook = execute_notebook("report", folder / "report.ipynb", {"results_dir": str(folder)})
     report = to_html(notebook, folder / "report.html")
     refresh_index(folder.parent)
@@ -156,6 +162,8 @@ def publish_compare(folders: list[Path | str], out: Path | str | None = None) ->
     """Compare runs with ``notebooks/compare.ipynb``: writes the HTML page where
     ``compare_output`` says and the executed notebook beside it (same name, ``.ipynb``)."""
     runs = [_run_folder(f) for f in folders]
+    for run in runs:
+        _read_record(run)
     if len(runs) < 2:
         raise PublishError("compare needs at least two results folders: lab compare RUN RUN...")
     page = compare_output(runs, out)
@@ -189,12 +197,12 @@ def compare_output(runs: list[Path], out: Path | str | None) -> Path:
 def _run_folder(folder: Path | str) -> Path:
     path = Path(folder).expanduser().resolve()
     if not path.exists():
-        raise PublishError(
+        raise RunFolderError(
             f"{path} does not exist; pass results/<run-id>/ as written by `lab run` "
             "(`ls results/` lists them)"
         )
     if not (path / "run.json").is_file():
-        raise PublishError(
+        raise RunFolderError(
             f"{path} is not a results folder (no run.json); pass results/<run-id>/ "
             "as written by `lab run`"
         )
@@ -205,9 +213,14 @@ def _read_record(folder: Path) -> dict[str, Any]:
     try:
         record = json.loads((folder / "run.json").read_text())
     except json.JSONDecodeError as exc:
-        raise PublishError(f"{folder / 'run.json'} is not valid JSON: {exc}") from exc
+        raise RunFolderError(f"{folder / 'run.json'} is not valid JSON: {exc}") from exc
     if not isinstance(record, dict):
-        raise PublishError(f"{folder / 'run.json'} does not hold a JSON object")
+        raise RunFolderError(f"{folder / 'run.json'} does not hold a JSON object")
+    if "run_id" not in record or "experiment" not in record:
+        raise RunFolderError(
+            f"{folder / 'run.json'} is not a run's record (no run_id or experiment): pass a "
+            "results/<run-id>/ folder as written by `lab run`"
+        )
     return record
 
 
@@ -374,6 +387,9 @@ def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(publish_report(args.run_dir))
+    except RunFolderError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
     except PublishError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
@@ -398,7 +414,7 @@ def compare_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(publish_compare(args.runs, args.out))
-    except OutputPathError as exc:
+    except (OutputPathError, RunFolderError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     except PublishError as exc:

@@ -85,10 +85,19 @@ def test_lab_compare_writes_html(chromium: str, tmp_path_factory: pytest.TempPat
 def test_bad_folders_get_a_clear_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert publish.report_main([str(tmp_path)], prog="lab report") == 1
+    # a path that is not a run is a usage error (2), as elsewhere in the lab command
+    assert publish.report_main([str(tmp_path)], prog="lab report") == 2
     assert "not a results folder (no run.json)" in capsys.readouterr().err
-    assert publish.report_main([str(tmp_path / "typo")], prog="lab report") == 1
+    assert publish.report_main([str(tmp_path / "typo")], prog="lab report") == 2
     assert f"{tmp_path / 'typo'} does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "run.json").write_text("{}")
+    assert publish.report_main([str(empty)], prog="lab report") == 2
+    assert "is not a run's record (no run_id or experiment)" in capsys.readouterr().err
+    assert not (empty / "report.html").exists()
+    empty.joinpath("run.json").unlink()
+    empty.rmdir()
     a = runfolder.build(tmp_path / "run-a")
     assert publish.compare_main([str(a)], prog="lab compare") == 1
     assert "at least two" in capsys.readouterr().err
