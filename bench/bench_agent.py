@@ -16,8 +16,9 @@ upgrades per second and prints them as JSON lines), then runs ``python -m lab.ag
    loopback the sys part includes much of the server's TCP work (the handshake and the
    request's receive run in the connecting process's syscalls), so it is compared with a bare
    uvloop client measured the same way on the same server (the floor).
-   Then the same ramp once more with ``--turn-procs`` (default 4) load processes, which open
-   in turn as c64k's agent does (printed, not checked).
+   Then the same ramp once on the agent's Python path (``LAB_AGENT_FASTPATH=0``: without the
+   C fast path of ``lab/agent/fastpath.c``), and once more with ``--turn-procs`` (default 4)
+   load processes, which open in turn as c64k's agent does (both printed, not checked).
 2. One load process asked for 8,400/s (5% over the target), 16,000 connections: connections
    completed per second, first to last, must be >= 8,000; then the same at 10,000/s
    (printed, not checked).
@@ -280,6 +281,7 @@ def run_agent(
     *,
     procs: int = 1,
     sample_at_hold: bool = True,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run the agent; sample its processes' USS and CPU before the start and during the hold."""
     import psutil
@@ -309,7 +311,9 @@ def run_agent(
     t_launch = time.time()
     start_at = t_launch + 3.0  # the load processes are ready well before: sample them idle
     cmd += ["--start-at", str(start_at)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     me = psutil.Process(p.pid)
     time.sleep(max(0.0, start_at - 0.4 - time.time()))
     kids = me.children()
@@ -504,6 +508,15 @@ def bench(quick: bool, cpu_repeats: int = 3, turn_procs: int = 4) -> int:
             f"at {rate}/s (create_connection + one protocol; same measure, getrusage): "
             f"{floor_us:.0f} µs per connection = "
             f"user {floor['user_us']:.0f} µs + sys {floor['sys_us']:.0f} µs)"
+        )
+        # the same ramp on the agent's Python path (no C fast path), for comparison; printed
+        srv_py = Server()
+        py = run_agent(srv_py.port, rate, conns, hold, tmp, env={"LAB_AGENT_FASTPATH": "0"})
+        srv_py.stop()
+        u, k = cpu_per_conn(py, conns)
+        print(
+            f"  (the Python path, LAB_AGENT_FASTPATH=0, one ramp: {u + k:.0f} µs per connection "
+            f"= user {u:.0f} + sys {k:.0f} µs)"
         )
         if turn_procs > 1:
             # what c64k's agent does: several processes (for the open-file limit) at a rate one

@@ -49,7 +49,7 @@ from lab.agent.capacity import (
     is_loopback_host,
     parse_source_ips,
 )
-from lab.agent.proc import ProcConfigJSON, phases_to_json
+from lab.agent.proc import USS_EVERY, ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
 from lab.agent.records import FAILURES, append_file
 from lab.agent.schedule import (
@@ -298,6 +298,8 @@ class Merger:
         self.saturated_ever = False
         self.me = psutil.Process()
         self.me.cpu_percent(None)
+        self._uss = 0
+        self._uss_lines = 0
 
     def add(self, proc: int, line: dict[str, Any]) -> None:
         self.latest[proc] = line
@@ -333,12 +335,12 @@ class Merger:
         out["lag_ms"] = lag
         procs = [{"pid": x["pid"], "cpu_percent": x["cpu_percent"], "uss": x["uss"]} for x in lines]
         with contextlib.suppress(psutil.Error):
+            # the USS walks the page tables: read every USS_EVERY lines, as the load processes
+            if self._uss_lines % USS_EVERY == 0 or tick is None:  # (tick None: the last)
+                self._uss = self.me.memory_full_info().uss
+            self._uss_lines += 1
             procs.append(
-                {
-                    "pid": self.me.pid,
-                    "cpu_percent": self.me.cpu_percent(None),
-                    "uss": self.me.memory_full_info().uss,
-                }
+                {"pid": self.me.pid, "cpu_percent": self.me.cpu_percent(None), "uss": self._uss}
             )
         out["procs"] = procs
         out["saturated"] = any(p["cpu_percent"] > SATURATED_CPU_PERCENT for p in procs)
