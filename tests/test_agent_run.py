@@ -391,8 +391,9 @@ def test_progress_line_shows_failures_by_reason(comet: int) -> None:
 
 
 def test_a_holding_load_process_wakes_rarely(comet: int) -> None:
-    """While no connection opens or closes (a hold), the sockets are read every 20 ms, not
-    every 2 ms: agents sharing cores with a server cost its fan-out less (see proc.py)."""
+    """While no connection opens or closes (a hold), the sockets are read every 50 ms, not
+    every 2 ms: agents sharing cores with a server cost its fan-out less, and an idle process
+    costs less CPU (see proc.py)."""
     import psutil
 
     proc = subprocess.Popen(
@@ -412,8 +413,8 @@ def test_a_holding_load_process_wakes_rarely(comet: int) -> None:
         line = json.loads(proc.stdout.readline())  # one second of the hold later
         woke = load.num_ctx_switches().voluntary - before
         assert line["open"] == 40
-        # a 20 ms tick and the once-a-second line: ~50; a 2 ms tick would be ~500
-        assert woke < 150, woke
+        # a 50 ms tick and the once-a-second line: ~20; a 2 ms tick would be ~500
+        assert woke < 60, woke
         proc.stdout.read()
     finally:
         proc.wait(30)

@@ -91,9 +91,14 @@ READ_TICK_S = 0.002
 # ... and while no connection opens or closes for a while (a hold: connections idle, or
 # receiving broadcasts), every IDLE_READ_TICK_S: four agent processes waking every 2 ms on a
 # box shared with the server slowed its 64,000-subscriber fan-out by ~14% (bench_comet with
-# such tickers beside it: median 530 ms against 465). Not for long-polls: their next poll
-# waits for the read of the last answer
-IDLE_READ_TICK_S = 0.02
+# such tickers beside it: median 530 ms against 465); and an idle uvloop process waking every
+# 20 ms costs this VM 8-14 ms of CPU a second (~160-280 us a wake-up, cold caches), which in
+# c64k's 4 load processes was ~20 us of agent CPU per new connection. With the C fast path
+# the launcher thread starts the rows, so a whole ramp reads at this pace. Messages and the
+# 101 are timed by the kernel; what waits for the tick: read_hist, and the close time of a
+# connection the server dropped. Not for long-polls: their next poll waits for the read of
+# the last answer
+IDLE_READ_TICK_S = 0.05
 IDLE_AFTER_S = 0.1  # a gap in the schedule this long or longer counts as a hold
 PENDING = int(Outcome.PENDING)
 # the process's USS is read every USS_EVERY lines (and in the last): reading it walks the page
@@ -317,6 +322,11 @@ class LoadProcess:
         nxt = min(opens[k] if k < n else math.inf, closes[order[j]] if j < n else math.inf)
         if self.poller.tick_s > 0 and not self.slow_connect:
             self.poller.tick_s = IDLE_READ_TICK_S if nxt - el >= IDLE_AFTER_S else READ_TICK_S
+            if self.launcher is not None and n and opens[0] - el >= IDLE_AFTER_S:
+                # nothing to read before the launcher opens this process's first row (its
+                # turn): one tick then, and the hold's pace from there
+                self.poller.tick_s = opens[0] - el
+                loop.call_at(self.t0 + opens[0], self._idle_tick)
         if nxt == math.inf:
             end = self.sched.end_s
             if el >= end:
@@ -421,6 +431,9 @@ class LoadProcess:
         assert self.fast is not None
         fd, state = self.fast.release(i)
         return self._adopt(i, fd, state) if fd >= 0 else None
+
+    def _idle_tick(self) -> None:
+        self.poller.tick_s = IDLE_READ_TICK_S
 
     def _start_launcher(self) -> None:
         fast = self.fast
@@ -605,7 +618,8 @@ class LoadProcess:
             self.fast.set_clock(start_at, self.mono0)
         # with kernel receive times the sockets are read in ticks (their figures do not
         # depend on when they are read), else at each arrival
-        self.poller.start(loop, READ_TICK_S if self.kernel_timestamps else 0.0)
+        # (until the first _pump sets the pace: at the hold's, not every 2 ms before the start)
+        self.poller.start(loop, IDLE_READ_TICK_S if self.kernel_timestamps else 0.0)
         sched = self.sched
         for i in range(len(sched)):
             self.records.scheduled[i] = start_at + sched.open_s[i]
