@@ -13,12 +13,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
 from lab.agent import fastpath
 from lab.agent.records import read_records
+from tests.loopthread import LoopThread
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -71,7 +71,7 @@ def test_fast_and_python_paths_measure_the_same(comet: int, tmp_path: Path) -> N
     assert (fast["bytes_out"], fast["bytes_in"]) == (py["bytes_out"], py["bytes_in"])
 
 
-class OddServer:
+class OddServer(LoopThread):
     """A WebSocket server (asyncio streams, in a thread) that makes the fast path hand over:
     each 101 carries a header that differs per connection; every 2nd connection gets a text
     frame in the same write as its 101; every 3rd is closed by the server 0.3 s after its
@@ -80,11 +80,7 @@ class OddServer:
     def __init__(self, silent: bool = False) -> None:
         self.silent = silent
         self.count = 0
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
+        self.start()
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -117,20 +113,12 @@ class OddServer:
             pass
         writer.close()
 
-    def _run(self) -> None:
-        async def main() -> None:
-            self.stop = asyncio.Event()
-            srv = await asyncio.start_server(self._conn, "127.0.0.1", 0)
-            self.port = srv.sockets[0].getsockname()[1]
-            async with srv:
-                self.ready.set()
-                await self.stop.wait()
-
-        self.loop.run_until_complete(main())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
+    async def serve(self) -> None:
+        srv = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = srv.sockets[0].getsockname()[1]
+        async with srv:
+            self.ready.set()
+            await self.stop.wait()
 
 
 def test_unusual_connections_are_handed_to_python(tmp_path: Path) -> None:

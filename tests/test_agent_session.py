@@ -11,7 +11,6 @@ import math
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from lab.agent.records import Outcome, Records, read_records
 from lab.agent.session import Shared
+from tests.loopthread import LoopThread
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -203,7 +203,7 @@ def test_longpoll_error_after_a_good_poll_is_a_drop() -> None:
         assert sh.http_error is not None and sh.http_error[0] == 404
 
 
-class ScriptedServer:
+class ScriptedServer(LoopThread):
     """A websockets (library) server in a thread that sends a fixed sequence of envelopes
     on channel "x": ids that skip, repeat and swap, each with a send time."""
 
@@ -213,11 +213,7 @@ class ScriptedServer:
         self.port = free_port()
         self.pub_port = free_port()
         self.peers: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
+        self.start()
 
     async def _handler(self, ws: Any) -> None:
         self.peers.append(ws.remote_address[0])
@@ -239,21 +235,13 @@ class ScriptedServer:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         writer.close()
 
-    def _run(self) -> None:
+    async def serve(self) -> None:
         from websockets.asyncio.server import serve
 
-        async def main() -> None:
-            self.stop = asyncio.Event()
-            pub = await asyncio.start_server(self._publish, "127.0.0.1", self.pub_port)
-            async with pub, serve(self._handler, "127.0.0.1", self.port, ping_interval=None):
-                self.ready.set()
-                await self.stop.wait()
-
-        self.loop.run_until_complete(main())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
+        pub = await asyncio.start_server(self._publish, "127.0.0.1", self.pub_port)
+        async with pub, serve(self._handler, "127.0.0.1", self.port, ping_interval=None):
+            self.ready.set()
+            await self.stop.wait()
 
 
 def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
