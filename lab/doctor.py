@@ -238,6 +238,7 @@ def plan_host_findings(
     from lab.plan import agent_shares
 
     out: list[Finding] = []
+    kind = getattr(getattr(exp.session, "kind", None), "value", "websocket")
     for share in agent_shares(exp, limits):
         facts = facts_by_host.get(share.host) or {}
         unsure = [ip for ip in share.source_ips if source_ip_usable(ip, facts) is None]
@@ -264,7 +265,8 @@ def plan_host_findings(
                         f"assign it (ip addr add {ip}/32 dev lo) or change agents.source_ips",
                     )
                 )
-        if "c_compiler" in facts and not facts["c_compiler"]:
+        fast_kinds = ("websocket", "generic")  # the sessions of the agent's C fast path
+        if "c_compiler" in facts and not facts["c_compiler"] and kind in fast_kinds:
             out.append(
                 Finding(
                     share.host,

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -127,9 +126,15 @@ def collect_host_metadata() -> dict[str, Any]:
         "addresses": read_addresses(),
         "tcp_time_wait": _time_wait(),
         # what builds the load agent's C fast path (lab.agent.fastpath), None if nothing
-        "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
+        "c_compiler": _c_compiler(),
         "time": time.time(),
     }
+
+
+def _c_compiler() -> str | None:
+    from lab.agent.fastpath import find_compiler
+
+    return find_compiler()
 
 
 def _time_wait() -> int | None:

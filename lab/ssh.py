@@ -476,7 +476,8 @@ print(json.dumps({
     "mem_total_bytes": mem.get("MemTotal"),
     "mem_available_bytes": mem.get("MemAvailable"),
     "tcp_time_wait": tw,
-    "c_compiler": shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc"),
+    "c_compiler": (shutil.which(os.environ["CC"]) if os.environ.get("CC")
+                   else shutil.which("cc") or shutil.which("gcc")),  # as lab.agent.fastpath
     "time": __import__("time").time(),
 }))
 """

@@ -193,3 +193,39 @@ def test_the_fd_table_is_grown_before_the_launcher_thread_starts() -> None:
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     before, after = map(int, p.stdout.split())
     assert before < 5000 <= after, (before, after)
+
+
+READ_PACE = """
+import asyncio, json, sys, time
+from lab.agent.proc import LoadProcess
+cfg = {"session": sys.argv[1], "urls": [sys.argv[2]], "max_duration_s": 3.0,
+       "phases": [{"kind": "ramp", "rate_per_s": 100, "until": 5},
+                  {"kind": "hold", "duration_s": 1.0}]}
+lp = LoadProcess(cfg)
+seen = []
+async def main():
+    asyncio.get_running_loop().call_later(0.7, lambda: seen.append(lp.poller.tick_s))
+    await lp.run(time.time() + 0.1)
+asyncio.run(main())
+print(json.dumps({"tick": seen[0], "fast": lp.fast is not None}))
+"""
+
+
+def test_the_read_pace_in_a_hold_by_session_kind(comet: int) -> None:
+    from lab.agent.proc import IDLE_READ_TICK_S, READ_TICK_S
+
+    got = {}
+    for session, url in (
+        ("websocket", f"ws://127.0.0.1:{comet}/ws?channel=r"),
+        ("longpoll", f"http://127.0.0.1:{comet}/lp?channel=r"),
+    ):
+        p = subprocess.run(
+            [PY, "-c", READ_PACE, session, url],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        got[session] = json.loads(p.stdout.splitlines()[-1])
+    # a hold of WebSockets is read every 50 ms; long-polls every 2 ms (their next poll waits
+    # for the read of the last answer)
+    assert got["websocket"] == {"tick": IDLE_READ_TICK_S, "fast": True}, got
+    assert got["longpoll"] == {"tick": READ_TICK_S, "fast": False}, got

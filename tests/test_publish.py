@@ -101,6 +101,8 @@ def test_bad_folders_get_a_clear_message(
     a = runfolder.build(tmp_path / "run-a")
     assert publish.compare_main([str(a)], prog="lab compare") == 1
     assert "at least two" in capsys.readouterr().err
+    assert publish.compare_main([str(a), str(tmp_path / "typo")], prog="lab compare") == 2
+    assert f"{tmp_path / 'typo'} does not exist" in capsys.readouterr().err
 
 
 # The first lines of results/index.html as written before the generator tag existed.

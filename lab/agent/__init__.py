@@ -12,8 +12,8 @@
 - ``session``     the client protocols (websocket, generic, longpoll, sse)
 - ``proc``        one load process: its shard of the schedule (the processes open in turn,
                   each a consecutive run, while fewer keep the rate: ``Schedule.lanes``);
-                  its sockets in one epoll set (``lab.rawio``), read in 2 ms ticks with
-                  kernel receive times
+                  its sockets in one epoll set (``lab.rawio``), read in ticks (2 ms while
+                  the event loop opens or closes, 50 ms in a hold) with kernel receive times
 - ``fastpath``    WebSocket sessions' hot path in C (``fastpath.c``, ctypes, built with the
                   host's ``cc`` at first use; ``LAB_AGENT_FASTPATH=0`` turns it off): a
                   launcher thread starts the rows on schedule, and the start, the upgrade and

@@ -231,7 +231,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--read-on-arrival",
         action="store_true",
         help="read each socket as soon as data arrives and time messages and upgrades by that "
-        "read; by default the sockets are read every 2 ms and times are the kernel's receive "
+        "read; by default the sockets are read in ticks (every 2 ms while connections open or "
+        "close, 50 ms in a hold) and times are the kernel's receive "
         "times (SO_TIMESTAMPNS): exact whatever the agent's own CPU wait, and fewer wake-ups",
     )
     a("--agent-id", default="a0", help="name of this agent in the streams (default a0)")

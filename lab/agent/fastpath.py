@@ -86,6 +86,15 @@ def library_path() -> Path:
     return cache_dir() / f"fastpath-{digest}-{os.uname().machine}.so"
 
 
+def find_compiler() -> str | None:
+    """The C compiler ``build()`` uses: ``$CC`` if set (a name on PATH or a path), else
+    ``cc`` or ``gcc`` on PATH; None if there is none (``lab doctor`` reports it)."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def build() -> tuple[Path | None, str]:
     """The compiled library, built now if needed: ``(path, "")``, or ``(None, why)`` naming
     the problem and the fix. Safe when several processes build at once (the file appears
@@ -98,8 +107,11 @@ def build() -> tuple[Path | None, str]:
         return None, f"cannot read {SOURCE}: {exc.strerror}"
     if out.exists():
         return out, ""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = find_compiler()
     if not cc:
+        if os.environ.get("CC"):
+            cc_env = os.environ["CC"]
+            return None, f"CC={cc_env} is not a program on this host (unset CC, or fix it)"
         return None, "no C compiler on this host (install one: apt-get install gcc)"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import gc
 import json
@@ -48,7 +49,7 @@ from typing import Any, TypedDict
 import psutil
 
 from lab.agent import fastpath
-from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
+from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT, is_loopback_host
 from lab.agent.records import Outcome, Records
 from lab.agent.schedule import Arrival, Phase, PhaseKind, build_schedule
 from lab.agent.session import (
@@ -261,6 +262,7 @@ class LoadProcess:
         close_s = self.sched.close_s
         self.threaded = self.fast is not None and n > 0 and min(close_s) > self.sched.open_s[-1]
         self.launcher: threading.Thread | None = None
+        self.loopback = all(is_loopback_host(t.addr[0]) for t in self.targets)
         if self.threaded:
             presize_fd_table(n + 256)
 
@@ -322,7 +324,11 @@ class LoadProcess:
         nxt = min(opens[k] if k < n else math.inf, closes[order[j]] if j < n else math.inf)
         if self.poller.tick_s > 0 and not self.slow_connect:
             self.poller.tick_s = IDLE_READ_TICK_S if nxt - el >= IDLE_AFTER_S else READ_TICK_S
-            if self.launcher is not None and n and opens[0] - el >= IDLE_AFTER_S:
+            if self.launcher is not None and not self.loopback:
+                # elsewhere than on loopback a request waits for EPOLLOUT, which the tick
+                # serves: the launcher's ramp is read at the ramp's pace
+                self.poller.tick_s = READ_TICK_S
+            elif self.launcher is not None and n and opens[0] - el >= IDLE_AFTER_S:
                 # nothing to read before the launcher opens this process's first row (its
                 # turn): one tick then, and the hold's pace from there
                 self.poller.tick_s = opens[0] - el
@@ -439,13 +445,21 @@ class LoadProcess:
         fast = self.fast
         assert fast is not None
         self.next_open = len(self.sched)  # the launcher's now (the event loop keeps the closes)
-        self.launcher = threading.Thread(
-            target=fast.run,
-            args=(self.sched.open_s, 0, LAUNCH_WINDOW_S),
-            name="launcher",
-            daemon=True,
-        )
+        loop = self.loop
+        assert loop is not None
+
+        def launch() -> None:
+            fast.run(self.sched.open_s, 0, LAUNCH_WINDOW_S)
+            with contextlib.suppress(RuntimeError):  # (the loop is closed: the run is over)
+                loop.call_soon_threadsafe(self._launcher_done)
+
+        self.launcher = threading.Thread(target=launch, name="launcher", daemon=True)
         self.launcher.start()
+
+    def _launcher_done(self) -> None:
+        """Every row is started: the hold's pace (the ramp's, off loopback, till now)."""
+        if self.poller.tick_s > 0 and not self.stopping and self.next_close == 0:
+            self.poller.tick_s = IDLE_READ_TICK_S
 
     def _join_launcher(self, stop: bool) -> None:
         """Wait for the launcher thread to end (``stop``: now, else once every row started)."""
@@ -618,8 +632,10 @@ class LoadProcess:
             self.fast.set_clock(start_at, self.mono0)
         # with kernel receive times the sockets are read in ticks (their figures do not
         # depend on when they are read), else at each arrival
-        # (until the first _pump sets the pace: at the hold's, not every 2 ms before the start)
-        self.poller.start(loop, IDLE_READ_TICK_S if self.kernel_timestamps else 0.0)
+        # (until the first _pump sets the pace: at the hold's, not every 2 ms before the start;
+        # long-polls always every 2 ms)
+        tick = READ_TICK_S if self.slow_connect else IDLE_READ_TICK_S
+        self.poller.start(loop, tick if self.kernel_timestamps else 0.0)
         sched = self.sched
         for i in range(len(sched)):
             self.records.scheduled[i] = start_at + sched.open_s[i]
