@@ -258,22 +258,6 @@ def uss_of(pids: list[int]) -> int:
     return total
 
 
-def switches(pid: int) -> tuple[int, int]:
-    """Voluntary and involuntary context switches of the live threads of ``pid`` (psutil's
-    num_ctx_switches counts the main thread only). The C fast path's launcher thread has
-    exited when the sample after the ramp is taken, so its sleeps (~500 a second, in C) are
-    not in the figure: it is the event loop's wake-ups."""
-    vol = invol = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        with contextlib.suppress(OSError):
-            for line in status.read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    vol += int(line.split()[1])
-                elif line.startswith("nonvoluntary_ctxt_switches:"):
-                    invol += int(line.split()[1])
-    return vol, invol
-
-
 def run_agent(
     port: int,
     rate: int,
@@ -323,8 +307,8 @@ def run_agent(
     base_uss = uss_of([k.pid for k in kids])
     base_user = sum(k.cpu_times().user for k in kids)
     base_sys = sum(k.cpu_times().system for k in kids)
-    base_vcsw = sum(switches(k.pid)[0] for k in kids)
-    base_icsw = sum(switches(k.pid)[1] for k in kids)
+    base_vcsw = sum(k.num_ctx_switches().voluntary for k in kids)
+    base_icsw = sum(k.num_ctx_switches().involuntary for k in kids)
     lines = []
     hold_sample: dict = {}
     assert p.stdout is not None
@@ -340,8 +324,8 @@ def run_agent(
             if "user" not in hold_sample:
                 hold_sample["user"] = sum(k.cpu_times().user for k in kids)
                 hold_sample["sys"] = sum(k.cpu_times().system for k in kids)
-                hold_sample["vcsw"] = sum(switches(k.pid)[0] for k in kids)
-                hold_sample["icsw"] = sum(switches(k.pid)[1] for k in kids)
+                hold_sample["vcsw"] = sum(k.num_ctx_switches().voluntary for k in kids)
+                hold_sample["icsw"] = sum(k.num_ctx_switches().involuntary for k in kids)
             if sample_at_hold and "open" not in hold_sample and d["open"] >= conns * 0.99:
                 hold_sample["open"] = d["open"]
                 hold_sample["proc_uss"] = uss_of([k.pid for k in kids])

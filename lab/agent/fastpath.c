@@ -199,6 +199,11 @@ void fp_set_clock(ctx_t *x, double start_at, double mono0) {
     x->mono0 = mono0;
 }
 
+/* row i is the agent's connection first + i * step, which uses pair (first + i * step) % npairs */
+static const pair_t *pair_of(const ctx_t *x, int i) {
+    return &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
+}
+
 static void forget(ctx_t *x, int fd) {
     x->fd_of[x->row[fd]] = -1;
     x->st[fd] = ST_NONE;
@@ -208,7 +213,7 @@ static void forget(ctx_t *x, int fd) {
  * bind, connect or request fails is closed and its errno kept for fp_fails. */
 void fp_launch(ctx_t *x, int i_from, int i_to) {
     for (int i = i_from; i < i_to; i++) {
-        const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
+        const pair_t *q = pair_of(x, i);
         x->started[i] = unix_now(x);
         x->outcome[i] = OUTCOME_PENDING;
         __atomic_fetch_add(&x->l_started, 1, __ATOMIC_RELAXED);
@@ -369,7 +374,7 @@ int fp_poll(ctx_t *x, out_t *out, int *nev) {
                 if (!soerr) soerr = ECONNRESET;
             } else if (ev & EPOLLOUT) { /* (a request this small is never written in parts
                                           * on loopback; elsewhere EPOLLOUT comes first) */
-                const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
+                const pair_t *q = pair_of(x, i);
                 ssize_t w = write(fd, q->req + x->off[fd], q->reqlen - x->off[fd]);
                 if (w < 0 && errno != EAGAIN) soerr = errno;
                 if (w > 0) {
@@ -418,7 +423,7 @@ int fp_poll(ctx_t *x, out_t *out, int *nev) {
                 }
             }
         }
-        const pair_t *q = &x->pairs[(int)(((int64_t)x->first + (int64_t)i * x->step) % x->npairs)];
+        const pair_t *q = pair_of(x, i);
         const target_t *t = &x->targets[q->target];
         if (t->exp && r == t->explen && memcmp(buf, t->exp, (size_t)r) == 0) {
             double now = ts > 0 ? ts : unix_now(x);
@@ -502,18 +507,3 @@ int fp_take_hist(ctx_t *x, int64_t *pairs, int max) {
 }
 
 char *fp_arena(ctx_t *x) { return x->arena; }
-
-int fp_owned(ctx_t *x) {
-    int k = 0;
-    for (int i = 0; i < x->n; i++) k += x->fd_of[i] >= 0;
-    return k;
-}
-
-void fp_free(ctx_t *x) {
-    if (!x) return;
-    for (int i = 0; i < x->n; i++)
-        if (x->fd_of[i] >= 0) close(x->fd_of[i]);
-    close(x->ep);
-    free(x->fd_of), free(x->err_of), free(x->row), free(x->st), free(x->off), free(x->pairs);
-    free(x->targets), free(x);
-}

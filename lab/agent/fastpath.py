@@ -178,9 +178,6 @@ def load() -> ctypes.CDLL | None:
     lib.fp_take_hist.argtypes = [vp, vp, i32]
     lib.fp_arena.argtypes = [vp]
     lib.fp_arena.restype = vp
-    lib.fp_owned.argtypes = [vp]
-    lib.fp_free.argtypes = [vp]
-    lib.fp_free.restype = None
     _lib = lib
     return lib
 
@@ -364,13 +361,3 @@ class FastPath:
                 total += n
             hist.total += total
         return c.lag_max_ns * 1e-9
-
-    def owned(self) -> int:
-        """How many connections C holds."""
-        return int(self.lib.fp_owned(self.x))
-
-    def close(self) -> None:
-        """Close every connection C still holds, and free the context."""
-        if self.x:
-            self.lib.fp_free(self.x)
-            self.x = None

@@ -417,7 +417,7 @@ class LoadProcess:
         """Row ``i``'s connection on ``fd``, until now the C fast path's, as Python session
         objects in the ``Poller``'s set, in the state C had it in (``fastpath.ST_*``)."""
         sh = self.sh
-        tgt = self.dests[(self.first + i * self.step) % self.pairs][1]
+        tgt = self.dests[self._pair(i)][1]
         client = self.client_cls(sh, i, tgt)
         tr = client.tr = SockTransport(self.poller, fd, client)
         if self.kernel_timestamps:
@@ -431,6 +431,10 @@ class LoadProcess:
             sh.pending[i] = client
         self.poller.add(tr, EPOLLIN)
         return client
+
+    def _pair(self, i: int) -> int:
+        """The (source, destination) pair of row ``i`` (``_launch`` inlines it: hot path)."""
+        return (self.first + i * self.step) % self.pairs
 
     def _take(self, i: int) -> Any:
         """Row ``i``'s session objects, taking the connection from C if C holds it."""
@@ -481,8 +485,6 @@ class LoadProcess:
         """Serve the C fast path's set; adopt what it hands over. Returns the events served."""
         fast = self.fast
         assert fast is not None
-        if self.launcher is not None:
-            self._fast_fails()
         handed, served = fast.poll()
         sh = self.sh
         for kind, fd, i, arg, data, ts in handed:
@@ -497,7 +499,7 @@ class LoadProcess:
                     sh.rx_time = 0.0
                 known = sh.upgrades.get(client.tgt.accept)
                 if known is not None:
-                    t = (self.first + i * self.step) % self.pairs // self.n_sources
+                    t = self._pair(i) // self.n_sources
                     fast.expect(t, known)
             else:  # EV_ADOPT_HELD: something happened on it (arg: its epoll events)
                 client = self._adopt(i, fd, fastpath.ST_HELD if arg >= 0 else fastpath.ST_HANDSHAKE)
@@ -583,7 +585,7 @@ class LoadProcess:
             return
         self.tick += 1
         if self.launcher is not None:
-            self._fast_fails()  # (read mode: the C set may not become readable meanwhile)
+            self._fast_fails()  # the launcher's failed starts, before the line counts them
         self._sweep_timeouts()
         self._emit(self._line())
         assert self.loop is not None
