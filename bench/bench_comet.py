@@ -60,6 +60,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
+from lab.comet import fanout
 from lab.comet.launch import ServerProcess
 from lab.limits import (
     fast_ports_per_pair,
@@ -777,6 +778,11 @@ def main(argv: list[str] | None = None) -> int:
             args.server,
         )
         out.update(mem)
+        loop = ""
+        if args.server == "lab":  # the server's broadcast loop: C, or why Python
+            lib, why = fanout.build()
+            out["fanout_loop"] = "C" if lib is not None else f"Python ({why})"
+            loop = f"; its loop in {out['fanout_loop']}"
         print(
             f"{mem['server']} memory, {mem['workers']} workers, {mem['connections']} idle "
             "WebSockets "
@@ -794,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(kernel receive time): median {mem['broadcast_kernel_all_ms']:.1f} ms (p50 arrival "
             f"{mem['broadcast_kernel_p50_ms']:.1f} ms, worst round "
             f"{mem['broadcast_kernel_worst_ms']:.1f} ms; the slowest worker's own fan-out "
-            f"{mem['fanout_ms']:.1f} ms)   [target <= 200 ms at 15000, <= 600 ms at 64000]",
+            f"{mem['fanout_ms']:.1f} ms{loop})   [target <= 200 ms at 15000, <= 600 ms at 64000]",
             flush=True,
         )
         if mem["client_mode"] == "live":  # 'after' clients read when told to: not a latency

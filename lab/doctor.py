@@ -229,6 +229,41 @@ def source_ip_usable(ip: str, facts: Mapping[str, Any]) -> bool | None:
     return False
 
 
+def _compiler_findings(
+    exp: Any, kind: str, limits: Mapping[str, HostLimits], facts: Mapping[str, Mapping[str, Any]]
+) -> list[Finding]:
+    """A warning for each host that would build comet-lab's C parts (``lab.cbuild``) but has
+    no compiler: the load agent's fast path (WebSocket sessions), the server's fan-out."""
+    from lab.experiment import ServerKind
+    from lab.plan import agent_shares
+
+    loses: dict[str, list[str]] = {}
+    if exp.server.kind is ServerKind.LAB_COMET:
+        loses.setdefault(exp.server_host, []).append(
+            "the server's broadcasts take its Python loop (~1 us more CPU per subscriber)"
+        )
+    if kind in ("websocket", "generic"):  # the sessions of the agent's C fast path
+        for share in agent_shares(exp, limits):
+            why = "the agent's connections take its Python path (~40 us more CPU per new one)"
+            if why not in loses.get(share.host, []):
+                loses.setdefault(share.host, []).append(why)
+    out = []
+    for host, what in loses.items():
+        host_facts = facts.get(host) or {}
+        if "c_compiler" in host_facts and not host_facts["c_compiler"]:
+            out.append(
+                Finding(
+                    host,
+                    "C compiler",
+                    Level.WARN,
+                    "none",
+                    f"comet-lab builds its C parts with cc: without one {'; '.join(what)}",
+                    "apt-get install gcc on the host",
+                )
+            )
+    return out
+
+
 def plan_host_findings(
     exp: Any, limits: Mapping[str, HostLimits], facts_by_host: Mapping[str, Mapping[str, Any]]
 ) -> list[Finding]:
@@ -239,6 +274,7 @@ def plan_host_findings(
 
     out: list[Finding] = []
     kind = getattr(getattr(exp.session, "kind", None), "value", "websocket")
+    out += _compiler_findings(exp, kind, limits, facts_by_host)
     for share in agent_shares(exp, limits):
         facts = facts_by_host.get(share.host) or {}
         unsure = [ip for ip in share.source_ips if source_ip_usable(ip, facts) is None]
@@ -265,19 +301,6 @@ def plan_host_findings(
                         f"assign it (ip addr add {ip}/32 dev lo) or change agents.source_ips",
                     )
                 )
-        fast_kinds = ("websocket", "generic")  # the sessions of the agent's C fast path
-        if "c_compiler" in facts and not facts["c_compiler"] and kind in fast_kinds:
-            out.append(
-                Finding(
-                    share.host,
-                    "C compiler",
-                    Level.WARN,
-                    "none",
-                    "the load agent builds its C fast path with cc: without one its "
-                    "connections take the Python path, ~40 us more agent CPU per new connection",
-                    "apt-get install gcc on the host",
-                )
-            )
         cores = _int(facts.get("cpu_affinity")) or _int(facts.get("cpu_count"))
         if cores and share.rate_per_s > cores * RATE_PER_PROCESS_WARN:
             out.append(

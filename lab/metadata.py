@@ -132,7 +132,7 @@ def collect_host_metadata() -> dict[str, Any]:
 
 
 def _c_compiler() -> str | None:
-    from lab.agent.fastpath import find_compiler
+    from lab.cbuild import find_compiler
 
     return find_compiler()
 

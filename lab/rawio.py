@@ -74,7 +74,7 @@ class Poller:
     hold other entries with ``state``, ``ready(ev)`` and ``_read()`` (a server's connection
     waiting for its first bytes)."""
 
-    __slots__ = ("also", "also_fd", "ep", "fds", "loop", "max_buffer", "sh", "tick_s")
+    __slots__ = ("also", "also_fd", "changes", "ep", "fds", "loop", "max_buffer", "sh", "tick_s")
 
     loop: asyncio.AbstractEventLoop
 
@@ -88,6 +88,10 @@ class Poller:
         # and returns how many events it took; ``also_fd`` is its epoll fd. Set before start()
         self.also: Any = None
         self.also_fd = -1
+        # counts every transport that closed, started queueing bytes or emptied its queue:
+        # what a list of "open sockets with nothing queued" kept elsewhere depends on
+        # (the server's C fan-out, lab.comet.fanout)
+        self.changes = 0
 
     def start(self, loop: asyncio.AbstractEventLoop, tick_s: float = 0.0) -> None:
         self.loop = loop
@@ -171,9 +175,18 @@ class SockTransport:
             self._close_fd(exc)
             return
         if n < len(data):
-            if self.mask:
-                self._want(EPOLLIN | EPOLLOUT)
-            self._keep(memoryview(data)[n:])
+            self.sent_part(n, data)
+
+    def sent_part(self, n: int, data: bytes) -> None:
+        """The kernel took only ``n`` bytes of ``data`` (written here or by a C loop, with
+        nothing queued before): queue the rest for EPOLLOUT."""
+        if self.mask:
+            self._want(EPOLLIN | EPOLLOUT)
+        self._keep(memoryview(data)[n:])
+
+    def fail(self, exc: OSError) -> None:
+        """A write failed with ``exc`` (here or in a C loop): the connection is lost."""
+        self._close_fd(exc)
 
     def _keep(self, data: bytes | memoryview) -> None:
         """Buffer ``data`` for EPOLLOUT (appending in place); past the poller's
@@ -183,6 +196,7 @@ class SockTransport:
             buf += data  # a bytearray: in place
         else:
             buf = self.buf = bytearray(data)
+            self.poller.changes += 1
         limit = self.poller.max_buffer
         if limit and len(buf) > limit:
             self.proto.pause_writing()
@@ -258,6 +272,8 @@ class SockTransport:
                 self._close_fd(exc)
                 return
             del buf[:n]  # type: ignore[union-attr]  # a bytearray whenever not empty
+            if not buf:
+                self.poller.changes += 1
         if not buf:
             self.buf = b""
             if self.state == SockTransport.CLOSING:
@@ -272,6 +288,7 @@ class SockTransport:
 
     def _close_fd(self, exc: BaseException | None) -> None:
         self.state = SockTransport.CLOSED
+        self.poller.changes += 1
         self.buf = b""
         if self.mask:  # registered: closing the fd also leaves the epoll set
             self.poller.fds[self.fd] = None

@@ -477,7 +477,7 @@ print(json.dumps({
     "mem_available_bytes": mem.get("MemAvailable"),
     "tcp_time_wait": tw,
     "c_compiler": (shutil.which(os.environ["CC"]) if os.environ.get("CC")
-                   else shutil.which("cc") or shutil.which("gcc")),  # as lab.agent.fastpath
+                   else shutil.which("cc") or shutil.which("gcc")),  # as lab.cbuild
     "time": __import__("time").time(),
 }))
 """

@@ -183,7 +183,9 @@ def test_an_agent_host_without_a_c_compiler_is_warned() -> None:
     exp = load_experiment(ROOT / "experiments" / "c64k.yaml")
     (warn,) = [f for f in check_plan(exp, {"local": facts}) if f.level is not Level.OK]
     assert (warn.check, warn.level, warn.value) == ("C compiler", Level.WARN, "none")
-    assert "Python path" in warn.message and "apt-get install gcc" in warn.fix
+    assert "agent's connections take its Python path" in warn.message
+    assert "server's broadcasts take its Python loop" in warn.message  # one host, both roles
+    assert "apt-get install gcc" in warn.fix
     with_cc = {**facts, "c_compiler": "/usr/bin/cc"}
     assert all(f.level is Level.OK for f in check_plan(exp, {"local": with_cc}))
     # the facts of this host name its compiler

@@ -9,27 +9,23 @@ Python object. Everything that is not that common case (the first response from 
 destination, any other response, messages, closes, timeouts) is handed to the Python session
 objects (``lab.agent.session``), which carry on as if they had opened the connection.
 
-Building: the C file ships with the package and is compiled with the host's C compiler (``cc``,
-or ``$CC``) at first use, into ``~/.cache/comet-lab/fastpath`` (``$COMET_LAB_CACHE/fastpath``),
-named by a hash of the source, so each host builds it once. No Python headers are needed: it is
-plain C loaded with ctypes. Without a compiler, or with ``LAB_AGENT_FASTPATH=0``, the agent
-uses its Python path, which measures the same things with more CPU per connection.
+Building: the C file ships with the package and is compiled with the host's C compiler at
+first use (``lab.cbuild``: into ``~/.cache/comet-lab/c``, once per host and version). No
+Python headers are needed: it is plain C loaded with ctypes. Without a compiler, or with
+``LAB_AGENT_FASTPATH=0``, the agent uses its Python path, which measures the same things
+with more CPU per connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import hashlib
-import os
-import shutil
 import socket
-import subprocess
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Any
+
+from lab import cbuild
 
 SOURCE = Path(__file__).with_name("fastpath.c")
 ENV_SWITCH = "LAB_AGENT_FASTPATH"  # "0": use the Python path
@@ -73,69 +69,10 @@ class Counts(ctypes.Structure):
     ]
 
 
-def cache_dir() -> Path:
-    """Where the library is built: ``$COMET_LAB_CACHE/fastpath`` (as ``lab.deploy``'s cache),
-    else ``~/.cache/comet-lab/fastpath``."""
-    env = os.environ.get("COMET_LAB_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "comet-lab"
-    return base / "fastpath"
-
-
-def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"fastpath-{digest}-{os.uname().machine}.so"
-
-
-def find_compiler() -> str | None:
-    """The C compiler ``build()`` uses: ``$CC`` if set (a name on PATH or a path), else
-    ``cc`` or ``gcc`` on PATH; None if there is none (``lab doctor`` reports it)."""
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc)
-    return shutil.which("cc") or shutil.which("gcc")
-
-
 def build() -> tuple[Path | None, str]:
-    """The compiled library, built now if needed: ``(path, "")``, or ``(None, why)`` naming
-    the problem and the fix. Safe when several processes build at once (the file appears
-    whole, by rename)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None, f"turned off by {ENV_SWITCH}=0"
-    try:
-        out = library_path()
-    except OSError as exc:
-        return None, f"cannot read {SOURCE}: {exc.strerror}"
-    if out.exists():
-        return out, ""
-    cc = find_compiler()
-    if not cc:
-        if os.environ.get("CC"):
-            cc_env = os.environ["CC"]
-            return None, f"CC={cc_env} is not a program on this host (unset CC, or fix it)"
-        return None, "no C compiler on this host (install one: apt-get install gcc)"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
-        os.close(fd)
-    except OSError as exc:
-        return None, f"cannot write to {out.parent} ({exc.strerror}): set COMET_LAB_CACHE"
-    try:
-        res = subprocess.run(
-            [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if res.returncode != 0:
-            detail = (res.stderr or res.stdout).strip().splitlines()
-            return None, f"{cc} failed on {SOURCE.name}: {detail[0] if detail else res.returncode}"
-        os.replace(tmp, out)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"{cc} could not build {SOURCE.name}: {exc}"
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return out, ""
+    """The compiled library, built now if needed (``lab.cbuild``): ``(path, "")``, or
+    ``(None, why)`` naming the problem and the fix."""
+    return cbuild.build(SOURCE, ENV_SWITCH)
 
 
 def load() -> ctypes.CDLL | None:

@@ -3,10 +3,10 @@
 Modules: ``protocol`` (the sans-I/O comet application protocol), ``connection`` (HTTP
 connections: long-poll, SSE, publish, the upgrade), ``fdio`` (the worker's accept path and its
 WebSockets on raw fds), ``websocket`` (upgraded connections), ``worker`` (one SO_REUSEPORT
-worker process), ``supervisor`` (the parent: restarts workers, sequences publishes, prints the
-figures), ``console`` (the once-a-second figures), ``config`` (the command line), ``ipc`` (the
-parent-worker link), ``launch`` (start a server child process and wait until it serves, for
-tests and benchmarks).
+worker process), ``fanout`` (a broadcast's sends to WebSockets in one C call), ``supervisor``
+(the parent: restarts workers, sequences publishes, prints the figures), ``console`` (the
+once-a-second figures), ``config`` (the command line), ``ipc`` (the parent-worker link),
+``launch`` (start a server child process and wait until it serves, for tests and benchmarks).
 Run it with ``python -m lab.comet --help`` or ``lab serve``.
 """
 

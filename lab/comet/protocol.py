@@ -217,14 +217,17 @@ class Hub(Generic[S]):
         self.history_limit = history_limit
         self.subscriptions: dict[str, set[S]] = {}
         self.histories: dict[str, ChannelHistory] = {}
+        self.version = 0  # counts subscribe and unsubscribe calls: lists kept of subscribers
 
     def subscribe(self, subscriber: S, channel: str) -> None:
+        self.version += 1
         subs = self.subscriptions.get(channel)
         if subs is None:
             subs = self.subscriptions[channel] = set()
         subs.add(subscriber)
 
     def unsubscribe(self, subscriber: S, channel: str) -> None:
+        self.version += 1
         subs = self.subscriptions.get(channel)
         if subs is not None:
             subs.discard(subscriber)

@@ -19,9 +19,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Collection
 from typing import Any, cast
 
+from lab.comet import fanout
 from lab.comet.config import WorkerConfig
 from lab.comet.connection import HttpConn
 from lab.comet.fdio import Acceptor, Waiting
@@ -118,6 +118,7 @@ class Worker:
         self.started = time.monotonic()
         self.link: ControlLink | None = None
         self.acceptor: Acceptor | None = None
+        self.fast_fanout: fanout.FanOut | None = None  # the C broadcast loop, once serving
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ sharing
@@ -158,7 +159,7 @@ class Worker:
             subscribers = self.hub.record(msg)
             if subscribers:
                 t0 = time.perf_counter()
-                self.fan_out(Outgoing(msg), subscribers)
+                self.fan_out(Outgoing(msg), subscribers, msg.channel)
                 self.fanout_ms = (time.perf_counter() - t0) * 1e3
                 self.fanout_subscribers = len(subscribers)
                 self.fanout_id = msg.id
@@ -172,11 +173,15 @@ class Worker:
         elif op == "stop":
             self.begin_stop()
 
-    def fan_out(self, out: Outgoing, subscribers: Collection[Any]) -> None:
+    def fan_out(self, out: Outgoing, subscribers: list[Any], channel: str) -> None:
         """Write one message to every subscriber of this worker: the hot loop of a broadcast.
-        A WebSocket gets the same frame bytes (serialized once); long-polls and SSE streams
-        format their own answer."""
+        A WebSocket gets the same frame bytes (serialized once): in C where it can
+        (``lab.comet.fanout``), else here; long-polls and SSE streams format their own
+        answer."""
         frame = out.ws_frame
+        fast = self.fast_fanout
+        if fast is not None:
+            subscribers = fast.send(channel, subscribers, frame)
         for sub in subscribers:
             if type(sub) is WsConn:
                 transport = sub.transport
@@ -223,6 +228,8 @@ class Worker:
 
     def _tick(self) -> None:
         self.ticks += 1
+        if self.fast_fanout is not None:
+            self.fast_fanout.forget_stale()
         if self.request_timeout_s > 0:
             # idle since tick t = since some time in (t - 1, t]: at least the timeout has passed
             # once t <= ticks - ceil(timeout) - 1
@@ -272,6 +279,9 @@ class Worker:
         sock = self._listen_socket()
         sock.listen(self.config.backlog)
         self.acceptor = Acceptor(self, sock, loop)
+        lib = fanout.load()  # built by the supervisor before it started the workers
+        if lib is not None:
+            self.fast_fanout = fanout.FanOut(lib, self.hub, self.acceptor.poller)
         link.send({"op": "ready", "pid": self.pid, "worker": self.index})
         gc.collect()
         gc.freeze()

@@ -1,0 +1,84 @@
+"""Building comet-lab's plain-C helpers with the host's C compiler, at first use: the load
+agent's fast path (``lab/agent/fastpath.c``) and the server's broadcast loop
+(``lab/comet/fanout.c``).
+
+Each is plain C with no Python API, loaded with ctypes, so no Python headers are needed. It
+is compiled with ``$CC`` (or ``cc``/``gcc``) into ``~/.cache/comet-lab/c/``
+(``$COMET_LAB_CACHE/c``), named by a hash of its source and the machine, so each host builds
+each version once. Several processes may build at once: the file appears whole, by rename.
+Without a compiler the caller says why (``build``'s second value) and uses its Python path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where libraries are built: ``$COMET_LAB_CACHE/c`` (as ``lab.deploy``'s cache), else
+    ``~/.cache/comet-lab/c``."""
+    env = os.environ.get("COMET_LAB_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "comet-lab"
+    return base / "c"
+
+
+def library_path(source: Path) -> Path:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{digest}-{os.uname().machine}.so"
+
+
+def find_compiler() -> str | None:
+    """The C compiler ``build()`` uses: ``$CC`` if set (a name on PATH or a path), else
+    ``cc`` or ``gcc`` on PATH; None if there is none (``lab doctor`` reports it)."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def build(source: Path, switch: str) -> tuple[Path | None, str]:
+    """``source`` compiled, now if needed: ``(path, "")``, or ``(None, why)`` naming the
+    problem and the fix. The environment variable ``switch`` set to ``0`` turns it off."""
+    if os.environ.get(switch, "1") == "0":
+        return None, f"turned off by {switch}=0"
+    try:
+        out = library_path(source)
+    except OSError as exc:
+        return None, f"cannot read {source}: {exc.strerror}"
+    if out.exists():
+        return out, ""
+    cc = find_compiler()
+    if not cc:
+        if os.environ.get("CC"):
+            cc_env = os.environ["CC"]
+            return None, f"CC={cc_env} is not a program on this host (unset CC, or fix it)"
+        return None, "no C compiler on this host (install one: apt-get install gcc)"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        return None, f"cannot write to {out.parent} ({exc.strerror}): set COMET_LAB_CACHE"
+    try:
+        res = subprocess.run(
+            [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if res.returncode != 0:
+            detail = (res.stderr or res.stdout).strip().splitlines()
+            return None, f"{cc} failed on {source.name}: {detail[0] if detail else res.returncode}"
+        os.replace(tmp, out)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{cc} could not build {source.name}: {exc}"
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return out, ""
