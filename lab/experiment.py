@@ -82,6 +82,7 @@ MORE_SUMMARY_FIELDS = (
     "schedule_lag_ms_max",
     "hold_s",
     "messages_received",
+    "messages_untimed",
     *(
         f"{r}_{m}"
         for r in ("server", "agent", "monitor")

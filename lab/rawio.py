@@ -61,7 +61,8 @@ class Poller:
     (``start``): a connection costs one ``epoll_ctl`` and no event-loop handle, and one loop
     wake-up serves every socket that became ready meanwhile. ``fds[fd]`` is the
     ``SockTransport`` on ``fd``. ``sh`` (optional) is where a read's kernel receive time goes
-    (``Shared.rx_time``) while the protocol handles it, for sockets read with SO_TIMESTAMPNS.
+    (``Shared.rx_time``) while the protocol handles it, for sockets read with SO_TIMESTAMPNS;
+    ``sh.read_done()`` is called after.
 
     ``start(loop, tick_s)`` with ``tick_s > 0``: the set is polled every ``tick_s`` instead of
     waking the process at each arrival. Meant for sockets read with kernel receive times, whose
@@ -255,7 +256,7 @@ class SockTransport:
             try:
                 self.proto.data_received(data)
             finally:
-                sh.rx_time = 0.0
+                sh.read_done()
         elif self.state == SockTransport.CONNECTING:
             self._close_fd(ConnectionResetError(errno.ECONNRESET, "connection closed"))
         else:  # end of stream: as asyncio does when eof_received() returns None

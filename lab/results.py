@@ -50,6 +50,7 @@ TABLES: dict[str, dict[str, str]] = {
         "lost": _I,
         "dup": _I,
         "reordered": _I,
+        "untimed": _I,
         "publish_errors": _I,
         "lag_ms": _F,
         "cpu_percent": _F,
@@ -285,6 +286,7 @@ def _agent_row(host: str, t: float, line: Mapping[str, Any]) -> dict[str, Any]:
                 "lost",
                 "dup",
                 "reordered",
+                "untimed",
                 "publish_errors",
             )
         },

@@ -85,7 +85,13 @@ def test_each_session_receives_every_message_from_lab_comet(
     assert (end["lost"], end["dup"], end["reordered"]) == (0, 0, 0)
     assert sum(end["failed"].values()) == 0
     delivered = sum(c for x in lines for _, c in x["delivery_hist"]["buckets"])
-    assert delivered == 200
+    read = sum(c for x in lines for _, c in x["read_hist"]["buckets"])
+    # every message is read; each has an arrival time unless one read brought it with a later
+    # one (20 a second against a 50 ms read tick: it happens), and then it is counted untimed
+    assert read == 200
+    assert delivered + end["untimed"] == 200
+    if session == "longpoll":  # an answer is one write: its messages arrived together
+        assert end["untimed"] == 0
     r = read_records(rec)
     assert Counter(r["outcome"]) == {"ok": 20}
     assert sorted(r["conn"]) == list(range(20))
@@ -264,7 +270,55 @@ def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
     end = lines[-1]
     assert end["msgs_in"] == 4 * 9
     assert (end["lost"], end["dup"], end["reordered"]) == (4 * 1, 4 * 1, 4 * 1)
-    assert sum(c for x in lines for _, c in x["delivery_hist"]["buckets"]) == 4 * 9
+    delivered = sum(c for x in lines for _, c in x["delivery_hist"]["buckets"])
+    assert sum(c for x in lines for _, c in x["read_hist"]["buckets"]) == 4 * 9
+    assert delivered + end["untimed"] == 4 * 9  # back to back: some reads bring several
+
+
+def test_a_message_read_with_a_later_one_gets_no_arrival_time() -> None:
+    """The kernel times a read by its last segment. Two envelopes in one write, the first
+    sent (by its ``ts``) a second before the second: one read brings both, and only the
+    second has a receive time of its own. The first is counted untimed, not given a delivery
+    latency of a second it did not take."""
+    from websockets.frames import Frame, Opcode
+
+    class Pair(ScriptedServer):
+        async def _handler(self, ws: Any) -> None:
+            now = time.time()
+            both = b"".join(
+                Frame(
+                    Opcode.TEXT,
+                    json.dumps(
+                        {"channel": "x", "id": mid, "data": json.dumps({"ts": ts, "seq": mid})}
+                    ).encode(),
+                ).serialize(mask=False)
+                for mid, ts in ((1, now - 1.0), (2, now))
+            )
+            ws.transport.write(both)
+            with contextlib.suppress(Exception):
+                await ws.wait_closed()
+
+    srv = Pair([])
+    try:
+        rc, lines, err = run_agent(
+            "--url", f"ws://127.0.0.1:{srv.port}/", "--rate", "50", "--connections", "4",
+            "--hold", "1",
+        )  # fmt: skip
+    finally:
+        srv.close()
+    assert rc == 0, err
+    end = lines[-1]
+    assert end["msgs_in"] == 4 * 2 and end["lost"] == 0
+    assert end["untimed"] == 4
+    assert sum(c for x in lines for _, c in x["delivery_hist"]["buckets"]) == 4
+    assert sum(c for x in lines for _, c in x["read_hist"]["buckets"]) == 4 * 2
+    from lab.histogram import Histogram
+
+    delivery = Histogram()
+    for x in lines:
+        delivery.merge(Histogram.from_json(x["delivery_hist"]))
+    top = delivery.max()
+    assert top is not None and top < 500_000  # µs: the second's, ~0 (not the first's ~1 s)
 
 
 def test_messages_never_received_before_the_close_count_as_lost() -> None:

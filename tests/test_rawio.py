@@ -169,6 +169,9 @@ def test_reads_with_kernel_timestamps_carry_the_receive_time_while_handled() -> 
     class Shared:
         rx_time = 0.0
 
+        def read_done(self) -> None:
+            self.rx_time = 0.0
+
     class Stamped(Recorder):
         def __init__(self, sh: Shared) -> None:
             super().__init__()

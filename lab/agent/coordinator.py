@@ -86,6 +86,7 @@ SUM_FIELDS = (
     "lost",
     "dup",
     "reordered",
+    "untimed",
 )
 
 

@@ -220,6 +220,7 @@ class LoadProcess:
             for t in (self.targets[p // self.n_sources],)
         ]
         self.sh = Shared(self.records, tuple(cfg.get("subscribe") or ()))
+        self.sh.rx_split = kind is not SessionKind.LONGPOLL  # (see Shared.rx_time)
         self.http_error_sent = False
         self.close_order = sorted(range(n), key=self.sched.close_s.__getitem__)
         self.connect_timeout_s = float(cfg.get("connect_timeout_s", 10.0))
@@ -496,7 +497,7 @@ class LoadProcess:
                 try:
                     client.data_received(data)
                 finally:
-                    sh.rx_time = 0.0
+                    sh.read_done()
                 known = sh.upgrades.get(client.tgt.accept)
                 if known is not None:
                     t = self._pair(i) // self.n_sources
@@ -552,6 +553,7 @@ class LoadProcess:
             "lost": c.lost,
             "dup": c.dup,
             "reordered": c.reordered,
+            "untimed": c.untimed,
             "lag_ms": round(max(0.0, lag) * 1000.0, 3),
             "cpu_percent": cpu,
             "uss": uss,

@@ -77,12 +77,13 @@ class Counters:
         "open",
         "reordered",
         "started",
+        "untimed",
     )
 
     def __init__(self) -> None:
         self.started = self.connected = self.closed = self.open = self.dropped = 0
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
-        self.lost = self.dup = self.reordered = 0
+        self.lost = self.dup = self.reordered = self.untimed = 0
         self.failed = [0] * 7  # Outcome.REFUSED .. Outcome.OTHER
         self.lag_max_s = 0.0
 
@@ -102,6 +103,8 @@ class Shared:
         "pending",
         "read_hist",
         "records",
+        "rx_held",
+        "rx_split",
         "rx_time",
         "subscribe_frames",
         "upgrades",
@@ -115,8 +118,16 @@ class Shared:
         self.delivery_hist = Histogram("us")  # from the send time to the arrival here
         self.read_hist = Histogram("us")  # from the send time to when this process read it
         # the kernel's receive time (unix s) of the data being handled, when the process reads
-        # with SO_TIMESTAMPNS; 0.0 otherwise (then arrival = read time)
+        # with SO_TIMESTAMPNS; 0.0 otherwise (then arrival = read time). It is the time of the
+        # read's LAST segment: a read that brings several messages the server wrote apart
+        # (WebSocket frames, SSE events: ``rx_split``) times only its last one; the others
+        # arrived earlier by an unknown amount, and are counted ``untimed`` rather than given
+        # that later time. ``rx_held``: the send time of the read's latest message so far,
+        # recorded by ``read_done()`` once it is known to be the last. A long-poll answer is
+        # one write: all its messages arrived together (``rx_split`` False).
         self.rx_time = 0.0
+        self.rx_split = True
+        self.rx_held = 0.0
         self.conns: list[Client | None] = [None] * records.n
         self.pending: dict[int, Any] = {}  # index -> client still connecting or handshaking
         # last id published per channel, once the publisher is done: a connection that closes
@@ -203,11 +214,27 @@ class Shared:
             self.latency(ts)
 
     def latency(self, ts: float) -> None:
-        """Record a message sent at ``ts`` (unix s): arrival (the kernel's receive time when
-        known) and read latency."""
+        """Record a message sent at ``ts`` (unix s): read latency, and arrival (the kernel's
+        receive time when known: see ``rx_time``; else the read time)."""
         now = time.time()
-        self.delivery_hist.record(((self.rx_time or now) - ts) * 1e6)
         self.read_hist.record((now - ts) * 1e6)
+        rx = self.rx_time
+        if not rx:
+            self.delivery_hist.record((now - ts) * 1e6)
+        elif self.rx_split:
+            if self.rx_held:  # an earlier message of this read: its arrival is unknown
+                self.counters.untimed += 1
+            self.rx_held = ts
+        else:
+            self.delivery_hist.record((rx - ts) * 1e6)
+
+    def read_done(self) -> None:
+        """The read timed ``rx_time`` is handled: its last message gets that arrival."""
+        held = self.rx_held
+        if held:
+            self.delivery_hist.record((self.rx_time - held) * 1e6)
+            self.rx_held = 0.0
+        self.rx_time = 0.0
 
 
 def send_time(data: Any) -> float | None:
