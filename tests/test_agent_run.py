@@ -324,15 +324,36 @@ def test_help_needs_only_core_dependencies() -> None:
     assert p.returncode == 0 and "usage: lab agent" in p.stdout
 
 
-def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
-    """--nice 7: every load process runs at nice 7; the coordinator (and its publisher) not."""
+def cpu_cgroup(pid: int) -> str:
+    """The cgroup of ``pid`` in the hierarchy with the cpu controller ("" if none)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(",") or controllers == "":
+            return path
+    return ""
+
+
+@pytest.mark.parametrize("cgroup", ["1", "0"])
+def test_nice_applies_to_the_load_processes_only(
+    comet: int, cgroup: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--nice 7: every load process runs at nice 7; the coordinator (and its publisher) not.
+    Where a cpu cgroup can be made (root here), the load processes share one, idle; it is
+    removed when they have exited. LAB_AGENT_CGROUP=0: nice values and autogroups only."""
     import psutil
 
+    from lab.agent.giveway import PREFIX, IdleGroup, cpu_hierarchy
+
+    monkeypatch.setenv("LAB_AGENT_CGROUP", cgroup)
+    probe, why = IdleGroup.create()  # can this host make one? (as the coordinator will)
+    if probe is not None:
+        probe.remove()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{comet}/ws",
          "--rate", "100", "--connections", "20", "--hold", "2", "--procs", "2", "--nice", "7"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
+    group = f"/{PREFIX}{proc.pid}"
     try:
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())  # a load process's line: they are running
@@ -348,10 +369,23 @@ def test_nice_applies_to_the_load_processes_only(comet: int) -> None:
             # The coordinator's group is untouched: its own at nice 0, or (no setsid since boot,
             # as under some CI runners) the root group, whose file is empty.
             assert Path(f"/proc/{proc.pid}/autogroup").read_text().split()[-1:] in ([], ["0"])
+        if cgroup == "1" and probe is not None:
+            assert [cpu_cgroup(c.pid) for c in loads] == [group, group]
+            base = cpu_hierarchy()
+            assert base is not None
+            assert (base / group[1:] / probe.how.split()[0]).read_text().strip() == (
+                probe.how.split()[1]
+            )
+        else:
+            assert why  # (turned off, or this host makes none)
+            assert all(cpu_cgroup(c.pid) != group for c in loads)
+        assert cpu_cgroup(proc.pid) != group
         proc.stdout.read()
     finally:
         proc.wait(30)
     assert proc.returncode == 0
+    base = cpu_hierarchy()
+    assert base is None or not (base / group[1:]).exists()  # removed
 
 
 def test_failed_publishes_are_explained_once_then_counted(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from lab.agent.capacity import (
     is_loopback_host,
     parse_source_ips,
 )
+from lab.agent.giveway import IdleGroup, give_way
 from lab.agent.proc import USS_EVERY, ProcConfigJSON, phases_to_json
 from lab.agent.publisher import Publisher, PublishSpec
 from lab.agent.records import FAILURES, append_file
@@ -88,22 +89,6 @@ SUM_FIELDS = (
     "reordered",
     "untimed",
 )
-
-
-def give_way(nice: int) -> None:
-    """Run in a load process before it starts (``--nice``): a session of its own, then the
-    nice value for its scheduler autogroup and for itself. With autogroups (Linux's default
-    on desktops and VMs: one group per session, CPU split evenly between busy groups) a
-    process's own nice value counts only within its group, so a niced agent would still get
-    half the cores against a server in another session."""
-    os.setsid()
-    with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text(str(nice))
-    os.nice(nice)
-    # SCHED_BATCH: a waking load process (a message arrived) does not preempt the server in
-    # the middle of a fan-out; it runs when its share comes
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 class UsageError(Exception):
@@ -184,7 +169,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         choices=range(20),
         metavar="0..19",
         help="nice increment of the load processes: on a host shared with the server, let it "
-        "run first, as agents on other hosts would (default 0; the publisher is not niced)",
+        "run first, as agents on other hosts would; where the host allows, they also share "
+        "one idle cpu cgroup (LAB_AGENT_CGROUP=0: not) (default 0; the publisher is not "
+        "niced)",
     )
     a("--seed", type=int, default=0, help="seed of Poisson arrivals (default 0)")
     a(
@@ -441,6 +428,26 @@ class Coordinator:
                     self.reasons[k] = str(data.get("reason", ""))
 
     async def run(self) -> int:
+        group: IdleGroup | None = None
+        if self.args.nice:
+            group, why = IdleGroup.create()
+            if not self.args.quiet:
+                print(
+                    f"lab.agent: load processes at nice {self.args.nice}, "
+                    + (
+                        f"in cpu cgroup {group.path} ({group.how})"
+                        if group is not None
+                        else f"each in its own autogroup ({why})"
+                    ),
+                    file=sys.stderr,
+                )
+        try:
+            return await self._run(str(group.path) if group is not None else None)
+        finally:
+            if group is not None:
+                group.remove()
+
+    async def _run(self, group: str | None) -> int:
         loop = asyncio.get_running_loop()
         args = self.args
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -453,7 +460,7 @@ class Coordinator:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 24,
-                preexec_fn=functools.partial(give_way, args.nice) if args.nice else None,
+                preexec_fn=functools.partial(give_way, args.nice, group) if args.nice else None,
             )
             self.children.append(child)
             assert child.stdin is not None
