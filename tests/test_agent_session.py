@@ -275,50 +275,94 @@ def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
     assert delivered + end["untimed"] == 4 * 9  # back to back: some reads bring several
 
 
-def test_a_message_read_with_a_later_one_gets_no_arrival_time() -> None:
-    """The kernel times a read by its last segment. Two envelopes in one write, the first
-    sent (by its ``ts``) a second before the second: one read brings both, and only the
-    second has a receive time of its own. The first is counted untimed, not given a delivery
-    latency of a second it did not take."""
+@pytest.mark.parametrize("tail", ["message", "part", "ping"])
+def test_a_message_read_with_later_bytes_gets_no_arrival_time(tail: str) -> None:
+    """The kernel times a read by its last segment. With the load processes stopped
+    (SIGSTOP), the server writes an envelope, then 0.3 s later what follows it (``tail``):
+    another envelope, the first bytes of one, or a ping. Continued, a load process reads both
+    writes at once: the first envelope has no receive time of its own, so it is counted
+    untimed rather than given the later write's (0.3 s too late). An envelope whose last
+    byte ends a read is timed."""
+    import signal
+    import threading
+
+    import psutil
     from websockets.frames import Frame, Opcode
 
-    class Pair(ScriptedServer):
+    from lab.histogram import Histogram
+
+    def envelope(mid: int) -> bytes:
+        data = json.dumps({"ts": time.time(), "seq": mid})
+        body = json.dumps({"channel": "x", "id": mid, "data": data}).encode()
+        return Frame(Opcode.TEXT, body).serialize(mask=False)
+
+    n = 4
+    all_in = threading.Event()  # every connection is being served
+    written = threading.Event()  # every connection has both writes
+
+    class Tail(ScriptedServer):
         async def _handler(self, ws: Any) -> None:
-            now = time.time()
-            both = b"".join(
-                Frame(
-                    Opcode.TEXT,
-                    json.dumps(
-                        {"channel": "x", "id": mid, "data": json.dumps({"ts": ts, "seq": mid})}
-                    ).encode(),
-                ).serialize(mask=False)
-                for mid, ts in ((1, now - 1.0), (2, now))
-            )
-            ws.transport.write(both)
+            self.peers.append(ws.remote_address[0])
+            if len(self.peers) == n:
+                all_in.set()
+            await self.go.wait()
+            ws.transport.write(envelope(1))
+            await asyncio.sleep(0.3)  # the scenario: the next bytes come later
+            second = envelope(2)
+            if tail == "message":
+                ws.transport.write(second)
+            elif tail == "part":
+                ws.transport.write(second[:10])
+            else:
+                ws.transport.write(Frame(Opcode.PING, b"").serialize(mask=False))
+            self.done += 1
+            if self.done == n:
+                written.set()
+            await self.cont.wait()
+            if tail == "part":
+                ws.transport.write(second[10:])
             with contextlib.suppress(Exception):
                 await ws.wait_closed()
 
-    srv = Pair([])
-    try:
-        rc, lines, err = run_agent(
-            "--url", f"ws://127.0.0.1:{srv.port}/", "--rate", "50", "--connections", "4",
-            "--hold", "1",
-        )  # fmt: skip
-    finally:
-        srv.close()
-    assert rc == 0, err
-    end = lines[-1]
-    assert end["msgs_in"] == 4 * 2 and end["lost"] == 0
-    assert end["untimed"] == 4
-    assert sum(c for x in lines for _, c in x["delivery_hist"]["buckets"]) == 4
-    assert sum(c for x in lines for _, c in x["read_hist"]["buckets"]) == 4 * 2
-    from lab.histogram import Histogram
+        async def serve(self) -> None:
+            self.go, self.cont, self.done = asyncio.Event(), asyncio.Event(), 0
+            await super().serve()
 
+    srv = Tail([])
+    agent = subprocess.Popen(
+        [PY, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{srv.port}/", "--rate",
+         "50", "--connections", str(n), "--hold", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert all_in.wait(20), "the agent did not connect"
+        loads = [c for c in psutil.Process(agent.pid).children() if "lab.agent.proc" in c.cmdline()]
+        assert loads
+        for c in loads:
+            c.send_signal(signal.SIGSTOP)
+        srv.loop.call_soon_threadsafe(srv.go.set)
+        assert written.wait(20)
+        for c in loads:
+            c.send_signal(signal.SIGCONT)
+        srv.loop.call_soon_threadsafe(srv.cont.set)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        srv.close()
+    assert agent.returncode == 0, err
+    lines = [json.loads(x) for x in out.splitlines() if x.strip()]
+    end = lines[-1]
+    sent = 1 if tail == "ping" else 2
+    assert end["msgs_in"] == n * sent and end["lost"] == 0
+    assert end["untimed"] == n  # the first envelope of each connection
+    assert sum(c for x in lines for _, c in x["read_hist"]["buckets"]) == n * sent
     delivery = Histogram()
     for x in lines:
         delivery.merge(Histogram.from_json(x["delivery_hist"]))
+    assert len(delivery) == n * (sent - 1)  # the second envelope of each: timed
     top = delivery.max()
-    assert top is not None and top < 500_000  # µs: the second's, ~0 (not the first's ~1 s)
+    assert top is None or top < 200_000  # µs: not the first envelope's 0.3 s
 
 
 def test_messages_never_received_before_the_close_count_as_lost() -> None:

@@ -119,12 +119,13 @@ class Shared:
         self.read_hist = Histogram("us")  # from the send time to when this process read it
         # the kernel's receive time (unix s) of the data being handled, when the process reads
         # with SO_TIMESTAMPNS; 0.0 otherwise (then arrival = read time). It is the time of the
-        # read's LAST segment: a read that brings several messages the server wrote apart
-        # (WebSocket frames, SSE events: ``rx_split``) times only its last one; the others
-        # arrived earlier by an unknown amount, and are counted ``untimed`` rather than given
-        # that later time. ``rx_held``: the send time of the read's latest message so far,
-        # recorded by ``read_done()`` once it is known to be the last. A long-poll answer is
-        # one write: all its messages arrived together (``rx_split`` False).
+        # read's LAST segment: where the server writes messages apart (WebSocket frames, SSE
+        # events: ``rx_split``), only a message whose last byte ends the read has it; one
+        # followed by anything (another message, part of one, a ping) arrived earlier by an
+        # unknown amount, and is counted ``untimed`` rather than given that later time.
+        # ``rx_held``: the send time of the read's latest message so far, recorded by
+        # ``read_done()`` unless ``rx_later()`` or another message came after it. A long-poll
+        # answer is one write: all its messages arrived together (``rx_split`` False).
         self.rx_time = 0.0
         self.rx_split = True
         self.rx_held = 0.0
@@ -227,6 +228,13 @@ class Shared:
             self.rx_held = ts
         else:
             self.delivery_hist.record((rx - ts) * 1e6)
+
+    def rx_later(self) -> None:
+        """More bytes of this read came after the message held (part of a frame, a ping, an
+        SSE comment...): the read's time is theirs, not the message's, which stays untimed."""
+        if self.rx_held:
+            self.counters.untimed += 1
+            self.rx_held = 0.0
 
     def read_done(self) -> None:
         """The read timed ``rx_time`` is handled: its last message gets that arrival."""
@@ -457,6 +465,8 @@ class WebSocketClient(Client):
                     break
                 if self.tgt.kind is SessionKind.WEBSOCKET:
                     self._message(data[start:end])
+                    if end < size:  # bytes follow it in this read
+                        self.sh.rx_later()
                 else:
                     self.sh.counters.msgs_in += 1
                 if self.st >= State.DONE:
@@ -491,6 +501,8 @@ class WebSocketClient(Client):
                 return
             gen = aux[1] = Frame.parse(reader.read_exact, mask=False, max_size=MAX_FRAME_BYTES)
             self._frame(frame)
+            if reader.buffer or aux[2] is not None:  # bytes of this read follow
+                self.sh.rx_later()
             if self.aux is None or self.st == State.DONE:
                 return
 
@@ -683,10 +695,14 @@ class SSEClient(_HttpClient):
             start = j + 2 if j == jr and buf[j + 1 : j + 2] == b"\n" else j + 1
             self._line(line)
         aux[1] = buf[start:]
+        if start < n:  # part of a line after an event of this read
+            self.sh.rx_later()
 
     def _line(self, line: bytes) -> None:
         aux = self.aux
-        if not line:
+        if line:  # bytes after an event of this read (the next event's, a comment)
+            self.sh.rx_later()
+        else:
             data = aux[3]
             if data:
                 self._event(aux[2], b"\n".join(data))
