@@ -60,7 +60,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.agent.capacity import IP_BIND_ADDRESS_NO_PORT
-from lab.comet import fanout
 from lab.comet.launch import ServerProcess
 from lab.limits import (
     fast_ports_per_pair,
@@ -331,6 +330,10 @@ class LabServer:
                 return max(float(w["fanout_ms"]) for w in workers)
             time.sleep(0.1)
         return math.nan
+
+    def fanout_c(self) -> int | None:
+        """The sends the workers' C broadcast loop has made (0: their Python loop served)."""
+        return sum(int(w.get("fanout_c", 0)) for w in get_json(f"{self.proc.url}/stats")["workers"])
 
 
 NCHAN_CONF = """\
@@ -639,6 +642,7 @@ def bench_memory_broadcast(
                         flush=True,
                     )
                 time.sleep(0.3)
+            loop_sends = server.fanout_c() if hasattr(server, "fanout_c") else None
         finally:
             pool.close()
     return {
@@ -659,6 +663,7 @@ def bench_memory_broadcast(
         "broadcast_kernel_p50_ms": median_ms(t[4] for t in times),
         "broadcast_kernel_worst_ms": max(t[3] for t in times) * 1e3 if times else math.nan,
         "fanout_ms": statistics.median(t[5] for t in times) if times else math.nan,
+        "fanout_c": loop_sends,
         "client_nice": client_nice,
         "client_mode": client_mode,
         "server": server.name,
@@ -779,10 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         out.update(mem)
         loop = ""
-        if args.server == "lab":  # the server's broadcast loop: C, or why Python
-            lib, why = fanout.build()
-            out["fanout_loop"] = "C" if lib is not None else f"Python ({why})"
-            loop = f"; its loop in {out['fanout_loop']}"
+        if mem["fanout_c"] is not None:  # lab.comet: which broadcast loop its workers ran
+            loop = "; its loop in " + ("C" if mem["fanout_c"] else "Python")
         print(
             f"{mem['server']} memory, {mem['workers']} workers, {mem['connections']} idle "
             "WebSockets "

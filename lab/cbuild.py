@@ -12,6 +12,7 @@ Without a compiler the caller says why (``build``'s second value) and uses its P
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import shutil
@@ -82,3 +83,32 @@ def build(source: Path, switch: str) -> tuple[Path | None, str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     return out, ""
+
+
+_loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
+
+
+def load(source: Path, switch: str, build_it: bool = True) -> tuple[ctypes.CDLL | None, str]:
+    """``source``'s library loaded, once per process: ``(lib, "")`` or ``(None, why)``.
+    ``build_it`` False: only a library already built (a process whose parent built it, or
+    failed to, does not run the compiler again)."""
+    got = _loaded.get(source)
+    if got is not None:
+        return got
+    if build_it:
+        path, why = build(source, switch)
+    elif os.environ.get(switch, "1") == "0":
+        path, why = None, f"turned off by {switch}=0"
+    else:
+        path = library_path(source)
+        why = "" if path.exists() else f"{path} is not built (no C compiler?)"
+        if why:
+            path = None
+    lib: ctypes.CDLL | None = None
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            why = f"cannot load {path}: {exc}"
+    _loaded[source] = (lib, why)
+    return lib, why

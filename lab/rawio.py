@@ -187,7 +187,8 @@ class SockTransport:
 
     def fail(self, exc: OSError) -> None:
         """A write failed with ``exc`` (here or in a C loop): the connection is lost."""
-        self._close_fd(exc)
+        if self.state != SockTransport.CLOSED:  # (its fd number may be another's by now)
+            self._close_fd(exc)
 
     def _keep(self, data: bytes | memoryview) -> None:
         """Buffer ``data`` for EPOLLOUT (appending in place); past the poller's

@@ -82,6 +82,7 @@ TABLES: dict[str, dict[str, str]] = {
         "fanout_ms": _F,
         "fanout_subscribers": _I,
         "fanout_id": _I,
+        "fanout_c": _I,
     },
     "monitor_host": {
         "t": _F,
@@ -319,7 +320,7 @@ def _server_rows(host: str, t: float, line: Mapping[str, Any]) -> list[dict[str,
         row["uptime_s"] = _num(line, "uptime_s")
         for k in (
             "pid", "online", "events", "connects", "messages", "closes", "pcs", "restarts",
-            "fanout_ms", "fanout_subscribers", "fanout_id",
+            "fanout_ms", "fanout_subscribers", "fanout_id", "fanout_c",
         ):  # fmt: skip
             row[k] = _num(w, k)
         rows.append(row)

@@ -611,8 +611,8 @@ def _quantiles(values: pd.Series) -> tuple[float | None, float | None, float | N
 
 def _last_per_agent(agent: pd.DataFrame, column: str) -> int | None:
     """The agents' last value of a counter, summed over agents; None when none reported it
-    (a run with no agent data measured nothing: it must not read as zero errors; a run
-    recorded before the counter existed has no column)."""
+    (a run with no agent data measured nothing: it must not read as zero errors; nor does a
+    run recorded before the counter existed, whose column is all missing)."""
     if agent.empty or agent[column].isna().all():
         return None
     return int(agent.sort_values("t").groupby("agent")[column].last().fillna(0).sum())

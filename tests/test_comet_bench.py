@@ -27,7 +27,7 @@ def bench(*args: str) -> tuple[list[str], dict[str, Any]]:
 
 
 def test_bench_comet_prints_its_figures() -> None:
-    lines, figures = bench("-n", "60", "-w", "2", "--accept-connections", "60", "--rounds", "2")
+    lines, figures = bench("-n", "60", "-w", "1", "--accept-connections", "60", "--rounds", "2")
     assert any(
         line.startswith("lab.comet accept+upgrade, 1 worker: 60 connections") for line in lines
     )
@@ -38,6 +38,8 @@ def test_bench_comet_prints_its_figures() -> None:
         assert figures[key] > 0
     assert figures["accept_cpu_us_per_conn"] >= 0  # CPU time ticks are 10 ms
     assert isinstance(figures["uss_per_conn_bytes"], float)  # may be ~0 at this size
+    # 60 subscribers in one worker: sent by its C loop (channels of 32 or more), 2 rounds
+    assert figures["fanout_c"] == 2 * 60 and any("; its loop in C)" in line for line in lines)
 
 
 def test_bench_comet_measures_nginx_nchan_the_same_way() -> None:

@@ -32,8 +32,8 @@ CHANNEL = "all"
 def lib() -> Any:
     path, why = fanout.build()
     assert path is not None, f"the C fan-out must build here (gcc is installed by .ci/run): {why}"
-    loaded = fanout.load()
-    assert loaded is not None, fanout.why_off()
+    loaded, why = fanout.load()
+    assert loaded is not None, why
     return loaded
 
 
@@ -289,6 +289,20 @@ def read_frames(sock: socket.socket, count: int) -> list[dict[str, Any]]:
     return out
 
 
+def worker_after(server: ServerProcess, mid: int) -> dict[str, Any]:
+    """The worker's figures in /stats once they count the fan-out of message ``mid``."""
+    deadline = time.monotonic() + 10
+    while True:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        conn.request("GET", "/stats")
+        (worker,) = json.loads(conn.getresponse().read())["workers"]
+        conn.close()
+        if worker["fanout_id"] >= mid:
+            return dict(worker)
+        assert time.monotonic() < deadline, f"/stats never showed the fan-out of {mid}"
+        time.sleep(0.05)  # /stats is the supervisor's snapshot, renewed once a second
+
+
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_the_server_broadcasts_to_every_subscriber_in_order(
     switch: str, monkeypatch: pytest.MonkeyPatch
@@ -310,6 +324,8 @@ def test_the_server_broadcasts_to_every_subscriber_in_order(
         assert resp.status == 200 and [m["id"] for m in json.loads(resp.read())] == ids[3:]
         conn.close()
         assert not [line for line in server.stderr_lines if "C fan-out is off" in line]
+        sent_by_c = worker_after(server, ids[-1])["fanout_c"]
+        assert sent_by_c == (64 * 5 if switch == "1" else 0)
 
 
 def test_without_a_compiler_the_server_says_so_and_broadcasts_in_python(
@@ -323,5 +339,6 @@ def test_without_a_compiler_the_server_says_so_and_broadcasts_in_python(
         for s in clients:
             assert [m["id"] for m in read_frames(s, 1)] == [mid]
             s.close()
+        assert worker_after(server, mid)["fanout_c"] == 0
         told = [line for line in server.stderr_lines if "C fan-out is off" in line]
         assert told and "CC=" in told[0] and "Python loop" in told[0], server.stderr_lines

@@ -558,6 +558,7 @@ def test_console_line_json_lines_and_out_file(tmp_path: Path) -> None:
         "fanout_ms",
         "fanout_subscribers",
         "fanout_id",
+        "fanout_c",
     }
     console = next(x for x in s.stderr_lines if x.startswith("online"))
     assert "uptime" in console and "w1 pid" in console and "PcS" in console

@@ -38,6 +38,9 @@ Plan file (``--plan FILE.json``; the controller writes it)::
 Connect and delivery latencies end at the kernel's receive time of the read that brought the
 101 response or the message (SO_TIMESTAMPNS), so they do not depend on when the agent got the
 CPU to read it; ``--read-on-arrival`` reads at each arrival and times by the read instead.
+That time is the read's last segment's: a message followed in the same read by later bytes
+(another message, when the agent reads less often than they come) has none of its own and
+is counted ``untimed`` instead.
 
 Times are offsets from the common start (``--start-at``, unix seconds; default: now + 0.5 s).
 Connections still open after the last phase close at its end. Several agent hosts each get

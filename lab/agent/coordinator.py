@@ -428,30 +428,37 @@ class Coordinator:
                     self.reasons[k] = str(data.get("reason", ""))
 
     async def run(self) -> int:
-        group: IdleGroup | None = None
-        if self.args.nice:
-            group, why = IdleGroup.create()
-            if not self.args.quiet:
-                print(
-                    f"lab.agent: load processes at nice {self.args.nice}, "
-                    + (
-                        f"in cpu cgroup {group.path} ({group.how})"
-                        if group is not None
-                        else f"each in its own autogroup ({why})"
-                    ),
-                    file=sys.stderr,
-                )
-        try:
-            return await self._run(str(group.path) if group is not None else None)
-        finally:
-            if group is not None:
-                group.remove()
-
-    async def _run(self, group: str | None) -> int:
         loop = asyncio.get_running_loop()
-        args = self.args
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signal, sig.name)
+        group, why = IdleGroup.create() if self.args.nice else (None, "")
+        try:
+            return await self._run(group, why)
+        finally:
+            if group is not None:
+                for c in self.children:  # (after a failure: none may stay in the group)
+                    if c.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            c.kill()
+                        await c.wait()
+                group.remove()
+
+    def _tell_niceness(self, group: IdleGroup | None, why: str) -> None:
+        """Where the niced load processes are, as found once they have started."""
+        if self.args.quiet:
+            return
+        where = f"each in its own autogroup ({why})"
+        if group is not None:
+            pids = {c.pid for c in self.children}
+            joined = len(pids & group.members())
+            where = f"in cpu cgroup {group.path} ({group.how})"
+            if joined < len(pids):
+                where += f": only {joined} of {len(pids)} joined it, the others in autogroups"
+        print(f"lab.agent: load processes at nice {self.args.nice}, {where}", file=sys.stderr)
+
+    async def _run(self, group: IdleGroup | None, why: str) -> int:
+        loop = asyncio.get_running_loop()
+        args = self.args
         for cfg in self.cfgs:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -460,7 +467,11 @@ class Coordinator:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 24,
-                preexec_fn=functools.partial(give_way, args.nice, group) if args.nice else None,
+                preexec_fn=(
+                    functools.partial(give_way, args.nice, str(group.path) if group else None)
+                    if args.nice
+                    else None
+                ),
             )
             self.children.append(child)
             assert child.stdin is not None
@@ -484,6 +495,8 @@ class Coordinator:
                     file=sys.stderr,
                 )
                 return 1
+        if args.nice:
+            self._tell_niceness(group, why)
         if self.stop_reason:  # a signal while starting: nothing ran; rows are not_started
             for c in self.children:
                 if c.returncode is None:

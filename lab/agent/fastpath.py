@@ -78,17 +78,9 @@ def build() -> tuple[Path | None, str]:
 def load() -> ctypes.CDLL | None:
     """The library, built and loaded once per process; None when it cannot be (``why_off``)."""
     global _lib, _why_off
-    if _lib is not None or _why_off:
-        return _lib
-    path, why = build()
-    if path is None:
-        _why_off = why
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        _why_off = f"cannot load {path}: {exc}"
-        return None
+    lib, _why_off = cbuild.load(SOURCE, ENV_SWITCH)
+    if lib is None or lib is _lib:
+        return lib
     vp, i32, dbl = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     lib.fp_new.restype = vp
     lib.fp_new.argtypes = [i32, i32, i32, i32, i32, i32, vp, vp, vp, vp, i32, dbl, dbl]

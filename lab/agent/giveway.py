@@ -8,23 +8,28 @@ within its group; but a group at nice 19 still weighs 15 against the server's 10
 busy load processes (four groups) kept ~6% of the cores through a broadcast's fan-out,
 measured with ``perf`` in a c64k-broadcast run.
 
-So where the host lets the agent make one (root, or a delegated cgroup tree), the load
-processes also share one cpu cgroup (``IdleGroup``) marked idle (``cpu.idle``: it runs only
-when nothing else wants the core) or else with the least weight: together they then take
-well under 1% from a busy server. The cgroup is made by the coordinator and removed when
-its load processes have exited; one left by a coordinator that was killed is removed by the
-next. ``LAB_AGENT_CGROUP=0`` keeps to nice values and autogroups.
+So where the host lets the agent make one (root: a group at the top of the cpu hierarchy),
+the load processes also share one cpu cgroup (``IdleGroup``) marked idle (``cpu.idle``: it
+runs only when nothing else wants the core) or else with the least weight: together they
+then take well under 1% from a busy server. Being at the top, the group is outside the
+coordinator's own cgroup (a container's or a systemd unit's CPU limit does not follow the
+load processes there; the coordinator still stops them). It is made by the coordinator,
+removed when its load processes have exited, and one left by a coordinator that was killed
+is removed by a later one. ``LAB_AGENT_CGROUP=0`` keeps to nice values and autogroups.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import time
 from pathlib import Path
 
 CGROUP_SWITCH = "LAB_AGENT_CGROUP"  # "0": no cgroup, nice and autogroups only
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "comet-lab-agents-"
+STALE_S = 60.0  # an empty group this old whose coordinator is gone is removed
 
 
 def give_way(nice: int, group: str | None = None) -> None:
@@ -75,23 +80,30 @@ class IdleGroup:
         if base is None:
             return None, f"no cgroup hierarchy with the cpu controller under {root}"
         sweep_stale(base)
-        path = base / f"{PREFIX}{os.getpid()}"
+        path = base / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            path.mkdir(exist_ok=True)
-            for name, value, how in (
-                ("cpu.idle", "1", "cpu.idle 1"),
-                ("cpu.shares", "2", "cpu.shares 2"),
-                ("cpu.weight", "1", "cpu.weight 1"),
-            ):
-                knob = path / name
-                if knob.exists():
-                    knob.write_text(value)
-                    return cls(path, how), ""
-            raise OSError(0, "it has none of cpu.idle, cpu.shares, cpu.weight")
+            path.mkdir()
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.rmdir()
             return None, f"cannot make a cpu cgroup in {base} ({exc.strerror or exc})"
+        failed = "it has none of cpu.idle, cpu.shares, cpu.weight"
+        for name, value in (("cpu.idle", "1"), ("cpu.shares", "2"), ("cpu.weight", "1")):
+            try:
+                (path / name).write_text(value)
+                return cls(path, f"{name} {value}"), ""
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # the next setting may still work
+                failed = f"{name}: {exc.strerror or exc}"
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None, f"cannot make a cpu cgroup in {base} ({failed})"
+
+    def members(self) -> set[int]:
+        """The pids in the group now."""
+        try:
+            return {int(x) for x in (self.path / "cgroup.procs").read_text().split()}
+        except OSError:
+            return set()
 
     def remove(self) -> None:
         """Remove the cgroup (its processes have exited: a busy one stays, for the next
@@ -101,10 +113,14 @@ class IdleGroup:
 
 
 def sweep_stale(base: Path) -> None:
-    """Remove the cgroups of coordinators that are gone (empty by then)."""
+    """Remove the groups of coordinators that are gone: empty (a group with processes cannot
+    be removed) and made over ``STALE_S`` ago (another coordinator's new group is empty
+    until its first load process joins)."""
     with contextlib.suppress(OSError):
         for path in base.glob(f"{PREFIX}*"):
-            pid = path.name[len(PREFIX) :]
-            if pid.isdigit() and not Path("/proc", pid).exists():
-                with contextlib.suppress(OSError):
+            pid = path.name[len(PREFIX) :].split("-")[0]
+            if pid.isdigit() and Path("/proc", pid).exists():
+                continue
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > STALE_S:
                     path.rmdir()

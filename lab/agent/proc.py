@@ -85,9 +85,10 @@ LAUNCH_WINDOW_S = 0.002
 SOCK_STREAM_NONBLOCK = _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK
 # how often the sockets are read (unless --read-on-arrival): the upgrade's connected time and
 # each message's arrival come from the kernel's receive time, not from the read, so reading
-# in ticks changes no figure and saves a wake-up per arrival (half the agent's CPU per new
+# in ticks changes no time and saves a wake-up per arrival (half the agent's CPU per new
 # connection at 2,500/s was wake-ups on this VM; inside a broadcast each one is paid in the
-# server's send())
+# server's send()). A read that brings a message with later bytes (another message within a
+# tick) times only the last: the others are counted untimed (Shared.rx_time)
 READ_TICK_S = 0.002
 # ... and while no connection opens or closes for a while (a hold: connections idle, or
 # receiving broadcasts), every IDLE_READ_TICK_S: four agent processes waking every 2 ms on a

@@ -27,6 +27,7 @@ class WorkerFigures(TypedDict):
     fanout_ms: float
     fanout_subscribers: int
     fanout_id: int
+    fanout_c: int
 
 
 class ServerLine(TypedDict):
@@ -57,6 +58,7 @@ def worker_figures(
         "fanout_ms": float(r.get("fanout_ms", 0.0)),
         "fanout_subscribers": int(r.get("fanout_subscribers", 0)),
         "fanout_id": int(r.get("fanout_id", 0)),
+        "fanout_c": int(r.get("fanout_c", 0)),
     }
 
 

@@ -41,39 +41,21 @@ MIN_SUBSCRIBERS = 32  # fewer: the Python loop (no list kept)
 MAX_CHANNELS = 16  # channels whose lists are kept at once
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
-_lib: ctypes.CDLL | None = None
-_why_off = ""
-
 
 def build() -> tuple[Path | None, str]:
     """The compiled library, built now if needed: ``(path, "")`` or ``(None, why)``."""
     return cbuild.build(SOURCE, ENV_SWITCH)
 
 
-def load() -> ctypes.CDLL | None:
-    """The library, built and loaded once per process; None when it cannot be (``why_off``)."""
-    global _lib, _why_off
-    if _lib is not None or _why_off:
-        return _lib
-    path, why = build()
-    if path is None:
-        _why_off = why
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        _why_off = f"cannot load {path}: {exc}"
-        return None
-    vp, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.fan_send.argtypes = [vp, i32, ctypes.c_char_p, i32, vp, vp]
-    lib.fan_send.restype = i32
-    _lib = lib
-    return lib
-
-
-def why_off() -> str:
-    """Why ``load()`` returned None ("" if it did not, or was not called)."""
-    return _why_off
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """The library a worker uses, if its supervisor built it (``build()``): ``(lib, "")`` or
+    ``(None, why)``. Workers do not run the compiler themselves."""
+    lib, why = cbuild.load(SOURCE, ENV_SWITCH, build_it=False)
+    if lib is not None:
+        vp, i32 = ctypes.c_void_p, ctypes.c_int
+        lib.fan_send.argtypes = [vp, i32, ctypes.c_char_p, i32, vp, vp]
+        lib.fan_send.restype = i32
+    return lib, why
 
 
 class _Entry:

@@ -209,6 +209,8 @@ class Worker:
             "fanout_ms": round(self.fanout_ms, 3),
             "fanout_subscribers": self.fanout_subscribers,
             "fanout_id": self.fanout_id,
+            # sends made by the C loop so far (lab.comet.fanout); 0: the Python loop serves
+            "fanout_c": self.fast_fanout.sent if self.fast_fanout is not None else 0,
         }
 
     def stats_json(self) -> bytes:
@@ -279,7 +281,7 @@ class Worker:
         sock = self._listen_socket()
         sock.listen(self.config.backlog)
         self.acceptor = Acceptor(self, sock, loop)
-        lib = fanout.load()  # built by the supervisor before it started the workers
+        lib, _ = fanout.load()  # built by the supervisor (which said why not)
         if lib is not None:
             self.fast_fanout = fanout.FanOut(lib, self.hub, self.acceptor.poller)
         link.send({"op": "ready", "pid": self.pid, "worker": self.index})
