@@ -8,7 +8,8 @@
     process then got the CPU to read it;
   * read: until all N client processes have read it (includes the clients' own CPU time);
   * the server's own fan-out: the slowest worker's time to write the message to all its
-    subscribers (``fanout_ms`` in /stats, for the message its ``fanout_id`` names);
+    subscribers (``fanout_ms`` in /stats, for the message its ``fanout_id`` names), and
+    which loop sent it (``fanout_c``: the workers' C loop, else Python);
 - accept: accept + upgrade rate in one worker and the server CPU per new connection, median
   of ``--accept-repeats`` runs (every run printed).
 
@@ -331,9 +332,11 @@ class LabServer:
             time.sleep(0.1)
         return math.nan
 
-    def fanout_c(self) -> int | None:
-        """The sends the workers' C broadcast loop has made (0: their Python loop served)."""
-        return sum(int(w.get("fanout_c", 0)) for w in get_json(f"{self.proc.url}/stats")["workers"])
+    def fanout_c(self) -> list[int]:
+        """Per worker holding subscribers, the sends its C broadcast loop has made (0: its
+        Python loop served)."""
+        workers = get_json(f"{self.proc.url}/stats")["workers"]
+        return [int(w.get("fanout_c", 0)) for w in workers if w["online"]]
 
 
 NCHAN_CONF = """\
@@ -663,7 +666,8 @@ def bench_memory_broadcast(
         "broadcast_kernel_p50_ms": median_ms(t[4] for t in times),
         "broadcast_kernel_worst_ms": max(t[3] for t in times) * 1e3 if times else math.nan,
         "fanout_ms": statistics.median(t[5] for t in times) if times else math.nan,
-        "fanout_c": loop_sends,
+        "fanout_c": sum(loop_sends) if loop_sends is not None else None,
+        "fanout_c_workers": loop_sends,
         "client_nice": client_nice,
         "client_mode": client_mode,
         "server": server.name,
@@ -784,8 +788,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         out.update(mem)
         loop = ""
-        if mem["fanout_c"] is not None:  # lab.comet: which broadcast loop its workers ran
-            loop = "; its loop in " + ("C" if mem["fanout_c"] else "Python")
+        per_worker = mem["fanout_c_workers"]
+        if per_worker is not None:  # lab.comet: which broadcast loop its workers ran
+            in_c = sum(1 for n in per_worker if n)
+            loop = "; its loop in " + (
+                "C"
+                if in_c == len(per_worker)
+                else f"C in {in_c} of {len(per_worker)} workers"
+                if in_c
+                else "Python"
+            )
         print(
             f"{mem['server']} memory, {mem['workers']} workers, {mem['connections']} idle "
             "WebSockets "

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -88,8 +89,14 @@ def build(source: Path, switch: str) -> tuple[Path | None, str]:
 _loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
 
 
-def load(source: Path, switch: str, build_it: bool = True) -> tuple[ctypes.CDLL | None, str]:
-    """``source``'s library loaded, once per process: ``(lib, "")`` or ``(None, why)``.
+def load(
+    source: Path,
+    switch: str,
+    build_it: bool = True,
+    setup: Callable[[ctypes.CDLL], None] | None = None,
+) -> tuple[ctypes.CDLL | None, str]:
+    """``source``'s library loaded, once per process: ``(lib, "")`` or ``(None, why)``;
+    ``setup(lib)`` (its functions' argument types) runs once, when it is loaded.
     ``build_it`` False: only a library already built (a process whose parent built it, or
     failed to, does not run the compiler again)."""
     got = _loaded.get(source)
@@ -100,8 +107,11 @@ def load(source: Path, switch: str, build_it: bool = True) -> tuple[ctypes.CDLL 
     elif os.environ.get(switch, "1") == "0":
         path, why = None, f"turned off by {switch}=0"
     else:
-        path = library_path(source)
-        why = "" if path.exists() else f"{path} is not built (no C compiler?)"
+        try:
+            path = library_path(source)
+            why = "" if path.exists() else f"{path} is not built (no C compiler?)"
+        except OSError as exc:
+            path, why = None, f"cannot read {source}: {exc.strerror}"
         if why:
             path = None
     lib: ctypes.CDLL | None = None
@@ -110,5 +120,8 @@ def load(source: Path, switch: str, build_it: bool = True) -> tuple[ctypes.CDLL 
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
             why = f"cannot load {path}: {exc}"
+        else:
+            if setup is not None:
+                setup(lib)
     _loaded[source] = (lib, why)
     return lib, why

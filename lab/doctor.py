@@ -238,7 +238,7 @@ def _compiler_findings(
     from lab.plan import agent_shares
 
     loses: dict[str, list[str]] = {}
-    if exp.server.kind is ServerKind.LAB_COMET:
+    if exp.server.kind is ServerKind.LAB_COMET and kind in ("websocket", "generic"):
         loses.setdefault(exp.server_host, []).append(
             "the server's broadcasts take its Python loop (~1 us more CPU per subscriber)"
         )

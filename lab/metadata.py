@@ -125,7 +125,7 @@ def collect_host_metadata() -> dict[str, Any]:
         "packages": package_versions(CORE_PACKAGES),
         "addresses": read_addresses(),
         "tcp_time_wait": _time_wait(),
-        # what builds the load agent's C fast path (lab.agent.fastpath), None if nothing
+        # what builds comet-lab's C parts (lab.cbuild), None if nothing
         "c_compiler": _c_compiler(),
         "time": time.time(),
     }

@@ -173,7 +173,7 @@ class SockTransport:
         except BlockingIOError:
             n = 0
         except OSError as exc:
-            self._close_fd(exc)
+            self.fail(exc)
             return
         if n < len(data):
             self.sent_part(n, data)

@@ -407,7 +407,7 @@ def messages_frame(tables: Tables) -> pd.DataFrame:
     agent = tables.agent
     parts = []
     for column, series in (("msgs_in", "received"), ("msgs_out", "sent")):
-        if agent.empty or column not in agent or agent[column].isna().all():
+        if agent.empty or agent[column].isna().all():
             continue
         total = _agent_total(agent, column)
         per_s = total.diff().fillna(total).clip(lower=0)
@@ -612,7 +612,8 @@ def _quantiles(values: pd.Series) -> tuple[float | None, float | None, float | N
 def _last_per_agent(agent: pd.DataFrame, column: str) -> int | None:
     """The agents' last value of a counter, summed over agents; None when none reported it
     (a run with no agent data measured nothing: it must not read as zero errors; nor does a
-    run recorded before the counter existed, whose column is all missing)."""
+    run recorded before the counter existed, whose column ``load_tables`` fills with
+    missing values)."""
     if agent.empty or agent[column].isna().all():
         return None
     return int(agent.sort_values("t").groupby("agent")[column].last().fillna(0).sum())
@@ -691,7 +692,7 @@ def summarize(tables: Tables, run_record: Mapping[str, Any] | None = None) -> di
     summary.update(read_ms_p50=p50, read_ms_p99=p99, read_ms_max=top)
     summary["messages_lost"] = _last_per_agent(tables.agent, "lost")
     summary["messages_received"] = _last_per_agent(tables.agent, "msgs_in")
-    # read together with a later message of the same connection: no arrival time of their own
+    # followed in their read by later bytes of the connection: no arrival time of their own
     summary["messages_untimed"] = _last_per_agent(tables.agent, "untimed")
     sat = tables.agent["saturated"]
     summary["agent_saturated"] = bool(sat.fillna(False).astype(bool).any()) if len(sat) else None

@@ -118,7 +118,7 @@ SUMMARY_LAYOUT: tuple[tuple[str, str, str, str, float], ...] = (
     ("read_ms_max", "", "read by the agent max", "ms", 1),
     ("messages_received", "", "messages received", "", 1),
     ("messages_lost", "", "messages lost", "", 1),
-    ("messages_untimed", "", "messages read with a later one (no arrival time)", "", 1),
+    ("messages_untimed", "", "messages followed by later bytes in a read (no arrival time)", "", 1),
     ("connections_dropped", "", "connections dropped after connecting", "", 1),
     ("server_restarts", "", "server worker restarts", "", 1),
     ("agent_saturated", "", "agent saturated", "", 1),

@@ -106,6 +106,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                 "lost": 0,
                 "dup": 0,
                 "reordered": 0,
+                "untimed": k,  # agent k: k of its messages without an arrival time
                 "lag_ms": 0.5,
                 "cpu_percent": 20.0 + k,
                 "uss": 20e6 + AGENT_BYTES * (opened - closed),
@@ -160,6 +161,7 @@ def build(folder: Path, *, name: str = "synthetic", cpu_model: str = "Test CPU")
                     "fanout_ms": float(FANOUT_MS + message_id + worker) if message_id else 0.0,
                     "fanout_subscribers": open_now // 2 if message_id else 0,
                     "fanout_id": message_id,
+                    "fanout_c": message_id * 10,
                 }
             )
         host_rows.append(

@@ -41,7 +41,8 @@ def run_agent(*args: str, env: dict[str, str] | None = None) -> tuple[list[dict]
 def test_the_fast_path_builds_here() -> None:
     path, why = fastpath.build()
     assert path is not None and path.is_file(), why
-    assert fastpath.load() is not None, fastpath.why_off()
+    lib, why = fastpath.load()
+    assert lib is not None, why
 
 
 def test_fast_and_python_paths_measure_the_same(comet: int, tmp_path: Path) -> None:

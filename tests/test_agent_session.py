@@ -275,73 +275,92 @@ def test_lost_duplicated_reordered_against_a_faulty_server() -> None:
     assert delivered + end["untimed"] == 4 * 9  # back to back: some reads bring several
 
 
-@pytest.mark.parametrize("tail", ["message", "part", "ping"])
-def test_a_message_read_with_later_bytes_gets_no_arrival_time(tail: str) -> None:
-    """The kernel times a read by its last segment. With the load processes stopped
-    (SIGSTOP), the server writes an envelope, then 0.3 s later what follows it (``tail``):
-    another envelope, the first bytes of one, or a ping. Continued, a load process reads both
-    writes at once: the first envelope has no receive time of its own, so it is counted
-    untimed rather than given the later write's (0.3 s too late). An envelope whose last
-    byte ends a read is timed."""
+class Stopped(LoopThread):
+    """A server for the untimed tests, on WebSocket (the websockets library) or SSE (raw
+    HTTP, chunked): once all ``n`` connections are in and the test has stopped the load
+    processes (``go``), it writes each connection ``first()``, then 0.3 s later the first
+    part of ``later()``, and its second part once they are continued (``cont``)."""
+
+    def __init__(self, kind: str, n: int, first: Any, later: Any) -> None:
+        import threading
+
+        self.kind, self.n = kind, n
+        self.first, self.later = first, later
+        self.port = free_port()
+        self.all_in = threading.Event()
+        self.written = threading.Event()
+        self.start()
+
+    async def _script(self, write: Any) -> None:
+        self.count += 1
+        if self.count == self.n:
+            self.all_in.set()
+        await self.go.wait()
+        write(self.first())
+        await asyncio.sleep(0.3)  # the scenario: the next bytes come later
+        now, after = self.later()
+        write(now)
+        self.done += 1
+        if self.done == self.n:
+            self.written.set()
+        await self.cont.wait()
+        write(after)
+
+    async def _ws(self, ws: Any) -> None:
+        await self._script(ws.transport.write)
+        with contextlib.suppress(Exception):
+            await ws.wait_closed()
+
+    async def _sse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+
+            def chunk(data: bytes) -> None:
+                if data:
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+            await self._script(chunk)
+            await reader.read()
+        writer.close()
+
+    async def serve(self) -> None:
+        from websockets.asyncio.server import serve
+
+        self.go, self.cont, self.count, self.done = asyncio.Event(), asyncio.Event(), 0, 0
+        if self.kind == "websocket":
+            async with serve(self._ws, "127.0.0.1", self.port, ping_interval=None):
+                self.ready.set()
+                await self.stop.wait()
+        else:
+            async with await asyncio.start_server(self._sse, "127.0.0.1", self.port):
+                self.ready.set()
+                await self.stop.wait()
+
+
+def run_stopped(srv: Stopped, url: str, session: str) -> list[dict[str, Any]]:
+    """The agent against ``srv``, its load processes stopped (SIGSTOP) while the server
+    writes ``first`` and ``later``: continued, each reads both at once."""
     import signal
-    import threading
 
     import psutil
-    from websockets.frames import Frame, Opcode
 
-    from lab.histogram import Histogram
-
-    def envelope(mid: int) -> bytes:
-        data = json.dumps({"ts": time.time(), "seq": mid})
-        body = json.dumps({"channel": "x", "id": mid, "data": data}).encode()
-        return Frame(Opcode.TEXT, body).serialize(mask=False)
-
-    n = 4
-    all_in = threading.Event()  # every connection is being served
-    written = threading.Event()  # every connection has both writes
-
-    class Tail(ScriptedServer):
-        async def _handler(self, ws: Any) -> None:
-            self.peers.append(ws.remote_address[0])
-            if len(self.peers) == n:
-                all_in.set()
-            await self.go.wait()
-            ws.transport.write(envelope(1))
-            await asyncio.sleep(0.3)  # the scenario: the next bytes come later
-            second = envelope(2)
-            if tail == "message":
-                ws.transport.write(second)
-            elif tail == "part":
-                ws.transport.write(second[:10])
-            else:
-                ws.transport.write(Frame(Opcode.PING, b"").serialize(mask=False))
-            self.done += 1
-            if self.done == n:
-                written.set()
-            await self.cont.wait()
-            if tail == "part":
-                ws.transport.write(second[10:])
-            with contextlib.suppress(Exception):
-                await ws.wait_closed()
-
-        async def serve(self) -> None:
-            self.go, self.cont, self.done = asyncio.Event(), asyncio.Event(), 0
-            await super().serve()
-
-    srv = Tail([])
     agent = subprocess.Popen(
-        [PY, "-m", "lab.agent", "--quiet", "--url", f"ws://127.0.0.1:{srv.port}/", "--rate",
-         "50", "--connections", str(n), "--hold", "2"],
+        [PY, "-m", "lab.agent", "--quiet", "--url", url, "--session", session, "--rate", "50",
+         "--connections", str(srv.n), "--hold", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
-        assert all_in.wait(20), "the agent did not connect"
+        assert srv.all_in.wait(20), "the agent did not connect"
         loads = [c for c in psutil.Process(agent.pid).children() if "lab.agent.proc" in c.cmdline()]
         assert loads
         for c in loads:
             c.send_signal(signal.SIGSTOP)
         srv.loop.call_soon_threadsafe(srv.go.set)
-        assert written.wait(20)
+        assert srv.written.wait(20)
         for c in loads:
             c.send_signal(signal.SIGCONT)
         srv.loop.call_soon_threadsafe(srv.cont.set)
@@ -351,18 +370,70 @@ def test_a_message_read_with_later_bytes_gets_no_arrival_time(tail: str) -> None
             agent.kill()
         srv.close()
     assert agent.returncode == 0, err
-    lines = [json.loads(x) for x in out.splitlines() if x.strip()]
+    return [json.loads(x) for x in out.splitlines() if x.strip()]
+
+
+def assert_first_untimed(lines: list[dict[str, Any]], n: int, sent: int) -> None:
+    """Each of the ``n`` connections got ``sent`` messages: the first untimed, the others
+    timed, none given the later write's time (0.3 s after the first's)."""
+    from lab.histogram import Histogram
+
     end = lines[-1]
-    sent = 1 if tail == "ping" else 2
     assert end["msgs_in"] == n * sent and end["lost"] == 0
-    assert end["untimed"] == n  # the first envelope of each connection
+    assert end["untimed"] == n  # the first message of each connection
     assert sum(c for x in lines for _, c in x["read_hist"]["buckets"]) == n * sent
     delivery = Histogram()
     for x in lines:
         delivery.merge(Histogram.from_json(x["delivery_hist"]))
-    assert len(delivery) == n * (sent - 1)  # the second envelope of each: timed
+    assert len(delivery) == n * (sent - 1)
     top = delivery.max()
-    assert top is None or top < 200_000  # µs: not the first envelope's 0.3 s
+    assert top is None or top < 200_000  # µs: not the first message's 0.3 s
+
+
+def _envelope(mid: int) -> bytes:
+    data = json.dumps({"ts": time.time(), "seq": mid})
+    return json.dumps({"channel": "x", "id": mid, "data": data}).encode()
+
+
+@pytest.mark.parametrize("tail", ["message", "part", "ping"])
+def test_a_message_read_with_later_bytes_gets_no_arrival_time(tail: str) -> None:
+    """The kernel times a read by its last segment. With the load processes stopped, the
+    server writes an envelope, then 0.3 s later what follows it (``tail``): another envelope,
+    the first bytes of one (the rest once they run again), or a ping. A load process then
+    reads both writes at once: the first envelope has no receive time of its own, so it is
+    counted untimed rather than given the later write's. An envelope whose last byte ends a
+    read is timed."""
+    from websockets.frames import Frame, Opcode
+
+    def later() -> tuple[bytes, bytes]:
+        """What follows: now, and once the load processes run again."""
+        if tail == "ping":
+            return Frame(Opcode.PING, b"").serialize(mask=False), b""
+        second = Frame(Opcode.TEXT, _envelope(2)).serialize(mask=False)  # sent now
+        return (second, b"") if tail == "message" else (second[:10], second[10:])
+
+    srv = Stopped(
+        "websocket", 4, lambda: Frame(Opcode.TEXT, _envelope(1)).serialize(mask=False), later
+    )
+    lines = run_stopped(srv, f"ws://127.0.0.1:{srv.port}/", "websocket")
+    assert_first_untimed(lines, 4, 1 if tail == "ping" else 2)
+
+
+@pytest.mark.parametrize("tail", ["event", "comment"])
+def test_an_sse_event_read_with_later_bytes_gets_no_arrival_time(tail: str) -> None:
+    """The same on SSE: an event, then 0.3 s later the next event or a comment line."""
+
+    def event(mid: int) -> bytes:
+        return b"id: %d\ndata: %s\n\n" % (mid, _envelope(mid))
+
+    srv = Stopped(
+        "sse",
+        4,
+        lambda: event(1),
+        lambda: (event(2) if tail == "event" else b": keep-alive\n\n", b""),
+    )
+    lines = run_stopped(srv, f"http://127.0.0.1:{srv.port}/sse?channel=x", "sse")
+    assert_first_untimed(lines, 4, 2 if tail == "event" else 1)
 
 
 def test_messages_never_received_before_the_close_count_as_lost() -> None:

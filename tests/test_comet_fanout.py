@@ -213,6 +213,15 @@ def test_a_partial_send_queues_the_rest_for_epollout(lib: Any) -> None:
                 side.poller.fds[fd].ready(ev)
         assert bytes(got) == big
         assert not tr.buf and tr.mask == EPOLLIN
+        sent = side.fan.sent
+        small = frame_of("after")
+        side.broadcast(small)
+        # its queue empty again, this one is back in the C loop's list; the 31 others still
+        # hold the rest of the big frame (nobody read them) and queue behind it in Python
+        assert side.fan.sent == sent + 1
+        assert read_exactly(client, len(small)) == small
+        others = [ws.transport for ws in side.subs[1:]]
+        assert all(isinstance(t, SockTransport) and bytes(t.buf).endswith(small) for t in others)
     finally:
         side.close()
 

@@ -76,6 +76,8 @@ def test_summary_of_known_run(synthetic: Tables) -> None:
     # delivery from the merged histograms: the bucket's upper bound, < 0.8% above
     assert s["delivery_ms_p99"] == pytest.approx(runfolder.DELIVERY_MS, rel=0.008)
     assert s["messages_lost"] == 0
+    # each agent's last cumulative count, summed (agent k reports k: runfolder.py)
+    assert s["messages_untimed"] == sum(range(len(runfolder.AGENTS)))
     assert s["agent_saturated"] is False
     assert s["planned_peak_connections"] == runfolder.CONNS
     assert s["planned_rate_per_s"] == runfolder.RATE_PER_S
@@ -239,6 +241,7 @@ def test_empty_folder_summarizes_to_nothing_measured(tmp_path: Path) -> None:
         "connect_errors",
         "messages_lost",
         "messages_received",
+        "messages_untimed",
         "agent_saturated",
         "ramp_whole_seconds",
         "server_bytes_per_conn",

@@ -40,7 +40,8 @@ Connect and delivery latencies end at the kernel's receive time of the read that
 CPU to read it; ``--read-on-arrival`` reads at each arrival and times by the read instead.
 That time is the read's last segment's: a message followed in the same read by later bytes
 (another message, when the agent reads less often than they come) has none of its own and
-is counted ``untimed`` instead.
+is counted ``untimed`` instead; a 101 read together with later bytes (frames the server sent
+right after it) is timed by them.
 
 Times are offsets from the common start (``--start-at``, unix seconds; default: now + 0.5 s).
 Connections still open after the last phase close at its end. Several agent hosts each get

@@ -170,7 +170,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="0..19",
         help="nice increment of the load processes: on a host shared with the server, let it "
         "run first, as agents on other hosts would; where the host allows, they also share "
-        "one idle cpu cgroup (LAB_AGENT_CGROUP=0: not) (default 0; the publisher is not "
+        "one idle cpu cgroup, unless LAB_AGENT_CGROUP=0 (default 0; the publisher is not "
         "niced)",
     )
     a("--seed", type=int, default=0, help="seed of Poisson arrivals (default 0)")

@@ -34,9 +34,6 @@ EV_ADOPT_HELD, EV_ADOPT_DATA, EV_FAIL = 1, 2, 3
 MAX_EVENTS = 1024  # fastpath.c: events served per poll
 HIST_PAIRS = 6000  # > the histogram's 5,376 buckets
 
-_lib: ctypes.CDLL | None = None
-_why_off = ""
-
 
 class Out(ctypes.Structure):
     """fastpath.c ``out_t``: one event handed to Python."""
@@ -75,12 +72,13 @@ def build() -> tuple[Path | None, str]:
     return cbuild.build(SOURCE, ENV_SWITCH)
 
 
-def load() -> ctypes.CDLL | None:
-    """The library, built and loaded once per process; None when it cannot be (``why_off``)."""
-    global _lib, _why_off
-    lib, _why_off = cbuild.load(SOURCE, ENV_SWITCH)
-    if lib is None or lib is _lib:
-        return lib
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """The library, built and loaded once per process: ``(lib, "")`` or ``(None, why)``."""
+    return cbuild.load(SOURCE, ENV_SWITCH, setup=_declare)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The C functions' argument and result types."""
     vp, i32, dbl = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     lib.fp_new.restype = vp
     lib.fp_new.argtypes = [i32, i32, i32, i32, i32, i32, vp, vp, vp, vp, i32, dbl, dbl]
@@ -107,13 +105,6 @@ def load() -> ctypes.CDLL | None:
     lib.fp_take_hist.argtypes = [vp, vp, i32]
     lib.fp_arena.argtypes = [vp]
     lib.fp_arena.restype = vp
-    _lib = lib
-    return lib
-
-
-def why_off() -> str:
-    """Why ``load()`` returned None ("" if it did not, or was not called)."""
-    return _why_off
 
 
 def sockaddr(family: int, host: str, port: int) -> bytes:

@@ -12,8 +12,9 @@ So where the host lets the agent make one (root: a group at the top of the cpu h
 the load processes also share one cpu cgroup (``IdleGroup``) marked idle (``cpu.idle``: it
 runs only when nothing else wants the core) or else with the least weight: together they
 then take well under 1% from a busy server. Being at the top, the group is outside the
-coordinator's own cgroup (a container's or a systemd unit's CPU limit does not follow the
-load processes there; the coordinator still stops them). It is made by the coordinator,
+coordinator's own cgroup (a systemd unit's CPU limit does not follow the load processes
+there; in a container the group stays inside the container's; the coordinator still stops
+them). It is made by the coordinator,
 removed when its load processes have exited, and one left by a coordinator that was killed
 is removed by a later one. ``LAB_AGENT_CGROUP=0`` keeps to nice values and autogroups.
 """

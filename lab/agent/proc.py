@@ -244,7 +244,7 @@ class LoadProcess:
         self.poller = Poller(self.sh)
         self.fast: fastpath.FastPath | None = None
         if cfg.get("fastpath", True) and kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC):
-            lib = fastpath.load()
+            lib, _ = fastpath.load()  # (the coordinator said why not)
             if lib is not None:
                 n_src = self.n_sources
                 self.fast = fastpath.FastPath(

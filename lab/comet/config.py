@@ -106,9 +106,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             'stdout: one JSON line per second ({"kind": "server", ...}, results/README.md); '
             "stderr: a console line per second and logs. SIGTERM/SIGINT: WebSockets get close "
             "1001, long-polls and SSE streams end, exit 0. A worker sends a broadcast to a "
-            "channel's WebSockets (32 or more) in a C loop built with the host's cc at first "
-            "use (into ~/.cache/comet-lab/c); without cc, or with LAB_COMET_FANOUT=0, in "
-            "Python."
+            "channel's WebSockets (when it has 32 or more subscribers) in a C loop built with "
+            "the host's cc at first use (into ~/.cache/comet-lab/c); without cc, or with "
+            "LAB_COMET_FANOUT=0, in Python."
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -50,12 +50,13 @@ def build() -> tuple[Path | None, str]:
 def load() -> tuple[ctypes.CDLL | None, str]:
     """The library a worker uses, if its supervisor built it (``build()``): ``(lib, "")`` or
     ``(None, why)``. Workers do not run the compiler themselves."""
-    lib, why = cbuild.load(SOURCE, ENV_SWITCH, build_it=False)
-    if lib is not None:
-        vp, i32 = ctypes.c_void_p, ctypes.c_int
-        lib.fan_send.argtypes = [vp, i32, ctypes.c_char_p, i32, vp, vp]
-        lib.fan_send.restype = i32
-    return lib, why
+    return cbuild.load(SOURCE, ENV_SWITCH, build_it=False, setup=_declare)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.fan_send.argtypes = [vp, i32, ctypes.c_char_p, i32, vp, vp]
+    lib.fan_send.restype = i32
 
 
 class _Entry:

@@ -217,7 +217,9 @@ class Hub(Generic[S]):
         self.history_limit = history_limit
         self.subscriptions: dict[str, set[S]] = {}
         self.histories: dict[str, ChannelHistory] = {}
-        self.version = 0  # counts subscribe and unsubscribe calls: lists kept of subscribers
+        # counts subscribe and unsubscribe calls: what lists of subscribers kept elsewhere
+        # depend on (lab.comet.fanout)
+        self.version = 0
 
     def subscribe(self, subscriber: S, channel: str) -> None:
         self.version += 1

@@ -332,8 +332,8 @@ class Supervisor:
         if self.config.out:
             self._out = open(self.config.out, "w", encoding="utf-8")  # noqa: SIM115
         # built here, once, rather than by each worker at once (off the loop: signals)
-        lib, why = await loop.run_in_executor(None, fanout.build)
-        if lib is None and os.environ.get(fanout.ENV_SWITCH, "1") != "0":
+        path, why = await loop.run_in_executor(None, fanout.build)
+        if path is None and os.environ.get(fanout.ENV_SWITCH, "1") != "0":
             print(
                 f"lab.comet: the C fan-out is off: {why}. Broadcasts take the Python loop, "
                 "with ~1 us more CPU per WebSocket subscriber",
