@@ -23,11 +23,16 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Where libraries are built: ``$COMET_LAB_CACHE/c`` (as ``lab.deploy``'s cache), else
-    ``~/.cache/comet-lab/c``."""
-    env = os.environ.get("COMET_LAB_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "comet-lab"
-    return base / "c"
+    """Where libraries are built: ``c/`` in ``lab.deploy``'s cache (``$COMET_LAB_CACHE``, else
+    ``~/.cache/comet-lab``)."""
+    from lab.deploy import cache_dir as lab_cache
+
+    return lab_cache() / "c"
+
+
+def switched_off(switch: str) -> bool:
+    """The environment variable ``switch`` is ``0``: that C part is not to be used."""
+    return os.environ.get(switch, "1") == "0"
 
 
 def library_path(source: Path) -> Path:
@@ -47,7 +52,7 @@ def find_compiler() -> str | None:
 def build(source: Path, switch: str) -> tuple[Path | None, str]:
     """``source`` compiled, now if needed: ``(path, "")``, or ``(None, why)`` naming the
     problem and the fix. The environment variable ``switch`` set to ``0`` turns it off."""
-    if os.environ.get(switch, "1") == "0":
+    if switched_off(switch):
         return None, f"turned off by {switch}=0"
     try:
         out = library_path(source)
@@ -86,7 +91,7 @@ def build(source: Path, switch: str) -> tuple[Path | None, str]:
     return out, ""
 
 
-_loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
+_loaded: dict[tuple[Path, bool], tuple[ctypes.CDLL | None, str]] = {}
 
 
 def load(
@@ -99,12 +104,12 @@ def load(
     ``setup(lib)`` (its functions' argument types) runs once, when it is loaded.
     ``build_it`` False: only a library already built (a process whose parent built it, or
     failed to, does not run the compiler again)."""
-    got = _loaded.get(source)
+    got = _loaded.get((source, build_it))
     if got is not None:
         return got
     if build_it:
         path, why = build(source, switch)
-    elif os.environ.get(switch, "1") == "0":
+    elif switched_off(switch):
         path, why = None, f"turned off by {switch}=0"
     else:
         try:
@@ -123,5 +128,5 @@ def load(
         else:
             if setup is not None:
                 setup(lib)
-    _loaded[source] = (lib, why)
+    _loaded[(source, build_it)] = (lib, why)
     return lib, why

@@ -6,6 +6,7 @@ server broadcasting with it and without it (no compiler, or switched off)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -351,3 +352,27 @@ def test_without_a_compiler_the_server_says_so_and_broadcasts_in_python(
         assert worker_after(server, mid)["fanout_c"] == 0
         told = [line for line in server.stderr_lines if "C fan-out is off" in line]
         assert told and "CC=" in told[0] and "Python loop" in told[0], server.stderr_lines
+
+
+def test_a_full_socket_queues_the_whole_frame(side: Side) -> None:
+    """A socket whose send buffer is already full (EAGAIN in C): the frame waits whole."""
+    ws = side.subs[9]
+    tr = ws.transport
+    assert isinstance(tr, SockTransport)
+    filler = b"f" * 65536
+    with contextlib.suppress(BlockingIOError):
+        while True:  # behind the transport's back: the kernel's buffers fill up
+            os.write(tr.fd, filler)
+    frame = frame_of("one")
+    side.broadcast(frame)
+    assert bytes(tr.buf) == frame and tr.mask == EPOLLIN | EPOLLOUT
+    assert side.fan.sent == 39
+
+
+def test_lists_kept_for_a_changed_state_are_dropped_once_a_second(side: Side) -> None:
+    side.broadcast(frame_of("one"))
+    side.fan.forget_stale()  # nothing changed: kept
+    assert CHANNEL in side.fan.lists
+    side.add()
+    side.fan.forget_stale()  # a subscription since: dropped (it holds old subscribers)
+    assert CHANNEL not in side.fan.lists

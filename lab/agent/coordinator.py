@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import IO, Any
 
 import psutil
 
+from lab import cbuild
 from lab.agent import fastpath
 from lab.agent.capacity import (
     RATE_PER_PROCESS,
@@ -742,10 +742,10 @@ def prepare(
     ]
     if kind in (SessionKind.WEBSOCKET, SessionKind.GENERIC):
         # built here, once, rather than by each load process at once
-        lib, why = fastpath.build()
+        path, why = fastpath.build()
         for cfg in cfgs:
-            cfg["fastpath"] = lib is not None
-        if lib is None and os.environ.get(fastpath.ENV_SWITCH, "1") != "0":
+            cfg["fastpath"] = path is not None
+        if path is None and not cbuild.switched_off(fastpath.ENV_SWITCH):
             warnings.append(
                 f"the C fast path is off: {why}. The connections take the Python path, which "
                 "measures the same with ~40 us more agent CPU per new connection"

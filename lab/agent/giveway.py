@@ -27,6 +27,8 @@ import secrets
 import time
 from pathlib import Path
 
+from lab.cbuild import switched_off
+
 CGROUP_SWITCH = "LAB_AGENT_CGROUP"  # "0": no cgroup, nice and autogroups only
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "comet-lab-agents-"
@@ -75,7 +77,7 @@ class IdleGroup:
     @classmethod
     def create(cls, root: Path = CGROUP_ROOT) -> tuple[IdleGroup | None, str]:
         """``(group, "")``, or ``(None, why)`` when there is no cgroup to be had here."""
-        if os.environ.get(CGROUP_SWITCH, "1") == "0":
+        if switched_off(CGROUP_SWITCH):
             return None, f"turned off by {CGROUP_SWITCH}=0"
         base = cpu_hierarchy(root)
         if base is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import lab
+from lab import cbuild
 from lab.comet import fanout
 from lab.comet.config import ConfigError, ServerConfig, build_parser, resolve
 from lab.comet.console import ServerLine, console_text, server_line, worker_figures
@@ -333,7 +334,7 @@ class Supervisor:
             self._out = open(self.config.out, "w", encoding="utf-8")  # noqa: SIM115
         # built here, once, rather than by each worker at once (off the loop: signals)
         path, why = await loop.run_in_executor(None, fanout.build)
-        if path is None and os.environ.get(fanout.ENV_SWITCH, "1") != "0":
+        if path is None and not cbuild.switched_off(fanout.ENV_SWITCH):
             print(
                 f"lab.comet: the C fan-out is off: {why}. Broadcasts take the Python loop, "
                 "with ~1 us more CPU per WebSocket subscriber",
