@@ -49,9 +49,10 @@ def find_compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def build(source: Path, switch: str) -> tuple[Path | None, str]:
+def build(source: Path, switch: str, compile_it: bool = True) -> tuple[Path | None, str]:
     """``source`` compiled, now if needed: ``(path, "")``, or ``(None, why)`` naming the
-    problem and the fix. The environment variable ``switch`` set to ``0`` turns it off."""
+    problem and the fix. The environment variable ``switch`` set to ``0`` turns it off.
+    ``compile_it`` False: only a library already built."""
     if switched_off(switch):
         return None, f"turned off by {switch}=0"
     try:
@@ -60,6 +61,8 @@ def build(source: Path, switch: str) -> tuple[Path | None, str]:
         return None, f"cannot read {source}: {exc.strerror}"
     if out.exists():
         return out, ""
+    if not compile_it:
+        return None, f"{out} is not built (no C compiler?)"
     cc = find_compiler()
     if not cc:
         if os.environ.get("CC"):
@@ -107,18 +110,7 @@ def load(
     got = _loaded.get((source, build_it))
     if got is not None:
         return got
-    if build_it:
-        path, why = build(source, switch)
-    elif switched_off(switch):
-        path, why = None, f"turned off by {switch}=0"
-    else:
-        try:
-            path = library_path(source)
-            why = "" if path.exists() else f"{path} is not built (no C compiler?)"
-        except OSError as exc:
-            path, why = None, f"cannot read {source}: {exc.strerror}"
-        if why:
-            path = None
+    path, why = build(source, switch, compile_it=build_it)
     lib: ctypes.CDLL | None = None
     if path is not None:
         try:

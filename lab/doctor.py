@@ -230,23 +230,21 @@ def source_ip_usable(ip: str, facts: Mapping[str, Any]) -> bool | None:
 
 
 def _compiler_findings(
-    exp: Any, kind: str, limits: Mapping[str, HostLimits], facts: Mapping[str, Mapping[str, Any]]
+    exp: Any, agent_hosts: list[str], facts: Mapping[str, Mapping[str, Any]]
 ) -> list[Finding]:
-    """A warning for each host that would build comet-lab's C parts (``lab.cbuild``) but has
-    no compiler: the load agent's fast path (WebSocket sessions), the server's fan-out."""
+    """For a WebSocket plan, a warning for each host that would build comet-lab's C parts
+    (``lab.cbuild``) but has no compiler: the agents' fast path, the server's fan-out."""
     from lab.experiment import ServerKind
-    from lab.plan import agent_shares
 
     loses: dict[str, list[str]] = {}
-    if exp.server.kind is ServerKind.LAB_COMET and kind in ("websocket", "generic"):
-        loses.setdefault(exp.server_host, []).append(
+    if exp.server.kind is ServerKind.LAB_COMET:
+        loses[exp.server_host] = [
             "the server's broadcasts take its Python loop (~1 us more CPU per subscriber)"
+        ]
+    for host in dict.fromkeys(agent_hosts):
+        loses.setdefault(host, []).append(
+            "the agent's connections take its Python path (~40 us more CPU per new one)"
         )
-    if kind in ("websocket", "generic"):  # the sessions of the agent's C fast path
-        for share in agent_shares(exp, limits):
-            why = "the agent's connections take its Python path (~40 us more CPU per new one)"
-            if why not in loses.get(share.host, []):
-                loses.setdefault(share.host, []).append(why)
     out = []
     for host, what in loses.items():
         host_facts = facts.get(host) or {}
@@ -274,8 +272,10 @@ def plan_host_findings(
 
     out: list[Finding] = []
     kind = getattr(getattr(exp.session, "kind", None), "value", "websocket")
-    out += _compiler_findings(exp, kind, limits, facts_by_host)
-    for share in agent_shares(exp, limits):
+    shares = agent_shares(exp, limits)
+    if kind in ("websocket", "generic"):  # the sessions that use the C parts
+        out += _compiler_findings(exp, [s.host for s in shares], facts_by_host)
+    for share in shares:
         facts = facts_by_host.get(share.host) or {}
         unsure = [ip for ip in share.source_ips if source_ip_usable(ip, facts) is None]
         if unsure:

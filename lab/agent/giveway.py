@@ -14,9 +14,9 @@ runs only when nothing else wants the core) or else with the least weight: toget
 then take well under 1% from a busy server. Being at the top, the group is outside the
 coordinator's own cgroup (a systemd unit's CPU limit does not follow the load processes
 there; in a container the group stays inside the container's; the coordinator still stops
-them). It is made by the coordinator,
-removed when its load processes have exited, and one left by a coordinator that was killed
-is removed by a later one. ``LAB_AGENT_CGROUP=0`` keeps to nice values and autogroups.
+them). It is made by the coordinator, removed when its load processes have exited, and one
+left by a coordinator that was killed is removed by a later one. ``LAB_AGENT_CGROUP=0``
+keeps to nice values and autogroups.
 """
 
 from __future__ import annotations

@@ -223,8 +223,7 @@ class Shared:
         if not rx:
             self.delivery_hist.record((now - ts) * 1e6)
         elif self.rx_split:
-            if self.rx_held:  # an earlier message of this read: its arrival is unknown
-                self.counters.untimed += 1
+            self.rx_later()  # an earlier message of this read, if any: this one follows it
             self.rx_held = ts
         else:
             self.delivery_hist.record((rx - ts) * 1e6)

@@ -96,7 +96,7 @@ class FanOut:
         Python loop (all of them when there are fewer than ``MIN_SUBSCRIBERS``)."""
         if len(subscribers) < MIN_SUBSCRIBERS:
             return subscribers
-        key = (self.hub.version, self.poller.changes)
+        key = self._state()
         entry = self.lists.get(channel)
         if entry is None or entry.key != key:
             if len(self.lists) >= MAX_CHANNELS:
@@ -125,6 +125,10 @@ class FanOut:
     def forget_stale(self) -> None:
         """Drop the lists kept for a state that has changed (they hold references to
         subscribers that may be gone): once a second, from the worker's tick."""
-        key = (self.hub.version, self.poller.changes)
+        key = self._state()
         for channel in [c for c, e in self.lists.items() if e.key != key]:
             del self.lists[channel]
+
+    def _state(self) -> tuple[int, int]:
+        """What a kept list depends on: subscriptions, and sockets closed or queueing."""
+        return (self.hub.version, self.poller.changes)
